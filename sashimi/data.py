@@ -1,0 +1,541 @@
+"""Audio datasets for next-sample prediction: a folder of audio files, and a built-in synthetic set.
+
+Every item is a dict that torch's default collate stacks into a batch:
+
+    x      LongTensor (sample_len,)  quantised inputs, shifted right by one: x[0] = zero level,
+                                     x[t] = y[t - 1]
+    y      LongTensor (sample_len,)  quantised targets (padding holds the zero level)
+    mask   BoolTensor (sample_len,)  True on real samples, False on padding
+    label  int                       class id, -1 when unknown
+    wav    FloatTensor (sample_len,) the float waveform in [-1, 1], only with waveform=True
+
+With quantizer=None (and waveform=True) the items carry only wav, mask and label.
+`make_dataset('builtin' | folder, split, ...)` picks the dataset. See docs/data.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import warnings
+from collections import Counter
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .audio import AUDIO_EXTENSIONS, AudioError, load_audio, probe_audio, resampled_length
+from .quantize import Quantizer
+
+__all__ = ["AudioFolderDataset", "BuiltinDataset", "make_dataset", "synthesize_clip", "BadAudioWarning",
+           "SPLITS", "BUILTIN_CLASSES", "BUILTIN_TIMBRES"]
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+_SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+                  "test": "test", "testing": "test"}
+_MAX_REPLACEMENT_TRIES = 32
+
+
+class BadAudioWarning(UserWarning):
+    """Audio files were skipped (when the index was built) or replaced (when read)."""
+
+
+def _canonical_split(split: str) -> str:
+    key = str(split).lower()
+    if key not in _SPLIT_ALIASES:
+        raise ValueError(f"split must be one of {SPLITS} (or 'valid'/'validation'), got {split!r}")
+    return _SPLIT_ALIASES[key]
+
+
+def _make_quantizer(quantizer, bits: int) -> Quantizer | None:
+    if quantizer is None or isinstance(quantizer, Quantizer):
+        return quantizer
+    if isinstance(quantizer, str):
+        return Quantizer(quantizer, bits)
+    raise TypeError(f"quantizer must be a Quantizer, 'mu_law', 'linear' or None, got {type(quantizer).__name__}")
+
+
+def _check_positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+class _ItemMaker:
+    """Turns a float clip (at most sample_len samples) into the padded, quantised item dict."""
+
+    def __init__(self, sample_len: int, quantizer: Quantizer | None, waveform: bool):
+        if quantizer is None and not waveform:
+            raise ValueError("quantizer=None needs waveform=True (the items would carry no audio)")
+        self.sample_len, self.quantizer, self.waveform = sample_len, quantizer, waveform
+
+    def __call__(self, wav: np.ndarray, label: int) -> dict:
+        L, n = self.sample_len, min(len(wav), self.sample_len)
+        wav = np.clip(np.asarray(wav[:n], dtype=np.float32), -1.0, 1.0)
+        mask = torch.zeros(L, dtype=torch.bool)
+        mask[:n] = True
+        item = {}
+        if self.quantizer is not None:
+            zero = self.quantizer.zero_level
+            y = torch.full((L,), zero, dtype=torch.long)
+            y[:n] = self.quantizer.encode(wav)
+            x = torch.empty_like(y)
+            x[0] = zero
+            x[1:] = y[:-1]
+            item["x"], item["y"] = x, y
+        item["mask"] = mask
+        item["label"] = int(label)
+        if self.waveform:
+            w = torch.zeros(L, dtype=torch.float32)
+            w[:n] = torch.from_numpy(wav)
+            item["wav"] = w
+        return item
+
+
+# ----------------------------------------------------------------------------------------------
+# A folder of audio files
+# ----------------------------------------------------------------------------------------------
+
+def _find_audio_files(root: str) -> list[str]:
+    """Relative POSIX paths of .wav/.flac/.ogg files under root (any case), sorted; hidden entries skipped."""
+    found = []
+    for folder, dirs, names in os.walk(root, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "_background_noise_")
+        for name in names:
+            if not name.startswith(".") and name.lower().endswith(AUDIO_EXTENSIONS):
+                found.append(os.path.relpath(os.path.join(folder, name), root).replace(os.sep, "/"))
+    return sorted(found)
+
+
+def _split_key(relpath: str) -> str:
+    """What the split hash sees: SC09/Speech-Commands names 'spk_nohash_3.wav' group by speaker."""
+    folder, _, name = relpath.rpartition("/")
+    if "_nohash_" in name:
+        return re.sub(r"_nohash_.*$", "", name)
+    return relpath
+
+
+def _hash_unit(key: str) -> float:
+    return int(hashlib.sha1(key.encode("utf-8")).hexdigest()[:12], 16) / float(1 << 48)
+
+
+def _read_list(path: str) -> set[str]:
+    """Relative paths listed one per line (SC09's validation_list.txt / testing_list.txt)."""
+    with open(path, encoding="utf-8") as f:
+        entries = (line.strip().replace("\\", "/") for line in f)
+        return {e[2:] if e.startswith("./") else e for e in entries if e}
+
+
+def _position_split(n: int, fractions) -> np.ndarray:
+    """Split ids (0 train, 1 val, 2 test) for n consecutive pieces: train first, then val, then test."""
+    ids = np.zeros(n, dtype=np.int8)
+    if n >= 3:
+        n_val = max(1, int(round(n * fractions[1])))
+        n_test = max(1, int(round(n * fractions[2])))
+        n_train = max(1, n - n_val - n_test)
+        ids[n_train:n_train + n_val] = 1
+        ids[n_train + n_val:] = 2
+    return ids
+
+
+def assign_file_splits(files: list[str], fractions=(0.9, 0.05, 0.05), val_list=None, test_list=None):
+    """Split id per file (0 train, 1 val, 2 test), or None when the folder is too small to split by file.
+
+    With SC09 lists, listed files are val/test and the rest train. Otherwise each file's split
+    comes from a hash of its path (so it never changes when files are added or removed); if
+    that leaves a split empty and there are at least 3 files, files are ranked by the hash and
+    cut by the fractions instead (every split gets one); with fewer than 3 files, None.
+    """
+    if val_list is not None or test_list is not None:
+        val_list, test_list = val_list or set(), test_list or set()
+        return np.array([1 if f in val_list else 2 if f in test_list else 0 for f in files], dtype=np.int8)
+    u = np.array([_hash_unit(_split_key(f)) for f in files])
+    ids = np.where(u < fractions[0], 0, np.where(u < fractions[0] + fractions[1], 1, 2)).astype(np.int8)
+    if len(set(ids.tolist())) == 3:
+        return ids
+    if len(files) < 3:
+        return None
+    ranked = np.empty(len(files), dtype=np.int8)
+    ranked[np.argsort(u, kind="stable")] = _position_split(len(files), fractions)
+    return ranked
+
+
+class AudioFolderDataset(Dataset):
+    """Audio files found recursively under `root` (.wav/.flac/.ogg, any case), as next-sample items.
+
+    Files are mixed down to mono, resampled to `sample_rate` and cut into `sample_len` chunks
+    (the tail chunk of each file is kept, padded, with mask False on the padding). Labels come
+    from the first folder level under root (sorted names -> 0, 1, ...); files at the top: -1.
+
+    Splits: SC09's `validation_list.txt` / `testing_list.txt` in root when present; otherwise a
+    hash of each relative path against `split_fractions` (see `assign_file_splits`); a folder of
+    1-2 files is split by position of its chunks instead (`split_unit == 'chunk'`).
+
+    Bad files (unreadable, corrupt, empty, NaN/inf) are found when the index is built (with
+    check_files, by decoding each file of the split once), listed in `skipped` as
+    (path, reason, detail) and summarised in ONE BadAudioWarning. A file that fails later, in
+    __getitem__, is replaced by a deterministic other item; `n_replaced` counts these.
+    Decoded audio is kept in memory while the split fits in `cache_bytes` (float32 at
+    sample_rate); the rest is read from disk per item, only the chunk's region.
+    """
+
+    def __init__(self, root, split: str = "train", sample_rate: int = 16000, sample_len: int = 16000,
+                 quantizer: Quantizer | str | None = "mu_law", *, bits: int = 8, waveform: bool = False,
+                 split_fractions=(0.9, 0.05, 0.05), check_files: bool = True, cache_bytes: int = 256 << 20,
+                 max_items: int | None = None):
+        self.root = os.fspath(root)
+        self.split = _canonical_split(split)
+        self.sample_rate = _check_positive_int(sample_rate, "sample_rate")
+        self.sample_len = _check_positive_int(sample_len, "sample_len")
+        self.quantizer = _make_quantizer(quantizer, bits)
+        self.waveform = bool(waveform)
+        self._make_item = _ItemMaker(self.sample_len, self.quantizer, self.waveform)
+        fractions = tuple(float(f) for f in split_fractions)
+        if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6:
+            raise ValueError(f"split_fractions must be 3 non-negative numbers summing to 1, got {split_fractions}")
+
+        if not os.path.isdir(self.root):
+            what = "does not exist" if not os.path.exists(self.root) else "is not a folder"
+            raise ValueError(f"audio folder {self.root!r} {what}")
+        all_files = _find_audio_files(self.root)
+        if not all_files:
+            raise ValueError(f"no audio files ({'/'.join(AUDIO_EXTENSIONS)}, searched recursively) "
+                             f"in folder {self.root!r}")
+        self.classes = sorted({f.split("/", 1)[0] for f in all_files if "/" in f})
+        class_id = {c: i for i, c in enumerate(self.classes)}
+
+        lists = [os.path.join(self.root, n) for n in ("validation_list.txt", "testing_list.txt")]
+        if any(os.path.isfile(p) for p in lists):
+            val_list, test_list = (_read_list(p) if os.path.isfile(p) else set() for p in lists)
+            ids = assign_file_splits(all_files, fractions, val_list, test_list)
+            self.split_rule = "lists"
+        else:
+            ids = assign_file_splits(all_files, fractions)
+            self.split_rule = "hash"
+        self.split_unit = "file" if ids is not None else "chunk"
+        wanted = SPLITS.index(self.split)
+        candidates = all_files if ids is None else [f for f, s in zip(all_files, ids) if s == wanted]
+
+        # Probe the split's files; keep those that decode, with their length at sample_rate.
+        self.files, self.skipped, lengths, self._cache = [], [], [], {}
+        cache_left = int(cache_bytes)
+        for rel in candidates:
+            path = os.path.join(self.root, rel)
+            try:
+                info = probe_audio(path, check_content=False)
+                n = resampled_length(info.frames, info.sample_rate, self.sample_rate)
+                if check_files and 4 * n <= cache_left:
+                    wav = load_audio(path, self.sample_rate).numpy()
+                    if len(wav) == 0:
+                        raise AudioError(path, "empty", "0 frames decoded")
+                    n, cache_left = len(wav), cache_left - 4 * len(wav)
+                    self._cache[len(self.files)] = wav
+                elif check_files:
+                    info = probe_audio(path, check_content=True)
+                    n = resampled_length(info.frames, info.sample_rate, self.sample_rate)
+            except AudioError as e:
+                self.skipped.append((rel, e.reason, e.detail))
+                logger.debug("skipping %s: %s (%s)", path, e.reason, e.detail)
+                continue
+            self.files.append(rel)
+            lengths.append(n)
+        self.labels_of_files = [class_id[f.split("/", 1)[0]] if "/" in f else -1 for f in self.files]
+
+        # Items: (file, start) for every sample_len chunk; a tiny folder keeps its split's chunks.
+        item_file, item_start = [], []
+        for k, n in enumerate(lengths):
+            starts = np.arange(0, n, self.sample_len, dtype=np.int64)
+            if ids is None:
+                starts = starts[_position_split(len(starts), fractions) == wanted]
+            item_file.append(np.full(len(starts), k, dtype=np.int64))
+            item_start.append(starts)
+        self._item_file = np.concatenate(item_file) if item_file else np.zeros(0, np.int64)
+        self._item_start = np.concatenate(item_start) if item_start else np.zeros(0, np.int64)
+        if max_items is not None and _check_positive_int(max_items, "max_items") < len(self._item_file):
+            keep = np.linspace(0, len(self._item_file) - 1, max_items).round().astype(np.int64)
+            self._item_file, self._item_start = self._item_file[keep], self._item_start[keep]
+        if self._cache:  # drop cached files that no item of this split uses (tiny-folder chunk split)
+            used = set(self._item_file.tolist())
+            self._cache = {k: v for k, v in self._cache.items() if k in used}
+
+        if self.skipped:
+            reasons = Counter(reason for _, reason, _ in self.skipped)
+            warnings.warn(
+                f"skipped {len(self.skipped)} of {len(candidates)} audio files in split '{self.split}' of "
+                f"{self.root!r}: " + ", ".join(f"{n} {r}" for r, n in sorted(reasons.items()))
+                + " (the list is in dataset.skipped; file names at logging level DEBUG)",
+                BadAudioWarning, stacklevel=2)
+        if len(self._item_file) == 0:
+            raise ValueError(
+                f"no usable audio in split '{self.split}' of folder {self.root!r}: {len(all_files)} audio files "
+                f"found, {len(candidates)} in this split, {len(self.skipped)} of them skipped as bad"
+                + (f" ({', '.join(f'{r}: {p}' for p, r, _ in self.skipped[:5])})" if self.skipped else "")
+                + ("; a folder of 1-2 files needs at least 3 chunks per file to fill val/test"
+                   if ids is None else ""))
+        self.n_replaced = 0
+        self.read_failures: dict[str, str] = {}
+
+    def __len__(self) -> int:
+        return len(self._item_file)
+
+    def label(self, index: int) -> int:
+        return self.labels_of_files[int(self._item_file[index])]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def item_source(self, index: int) -> tuple[str, int]:
+        """(relative path, first sample at sample_rate) of item `index`."""
+        return self.files[int(self._item_file[index])], int(self._item_start[index])
+
+    def _read_item(self, index: int) -> np.ndarray:
+        k, start = int(self._item_file[index]), int(self._item_start[index])
+        if k in self._cache:
+            return self._cache[k][start:start + self.sample_len]
+        wav = load_audio(os.path.join(self.root, self.files[k]), self.sample_rate, start=start,
+                         num_frames=self.sample_len).numpy()
+        if len(wav) == 0:
+            raise AudioError(self.files[k], "read-error", f"no samples at {start}")
+        return wav
+
+    def _replacement(self, index: int, attempt: int) -> int:
+        digest = hashlib.sha1(f"{index}:{attempt}".encode()).hexdigest()
+        return int(digest[:12], 16) % len(self)
+
+    def __getitem__(self, index: int) -> dict:
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for {n} items")
+        index %= n
+        candidate = index
+        for attempt in range(1, _MAX_REPLACEMENT_TRIES + 1):
+            rel = self.files[int(self._item_file[candidate])]
+            if rel not in self.read_failures:
+                try:
+                    wav = self._read_item(candidate)
+                except (AudioError, OSError, RuntimeError) as e:
+                    self.read_failures[rel] = getattr(e, "reason", type(e).__name__)
+                    warnings.warn(f"could not read {os.path.join(self.root, rel)} ({e}); its items are replaced "
+                                  f"by other items of split '{self.split}'", BadAudioWarning, stacklevel=2)
+                else:
+                    if candidate != index:
+                        self.n_replaced += 1
+                    return self._make_item(wav, self.label(candidate))
+            candidate = self._replacement(index, attempt)
+        raise AudioError(self.root, "read-error", f"item {index} and {_MAX_REPLACEMENT_TRIES - 1} replacements "
+                         f"failed to read; {len(self.read_failures)} files failed so far")
+
+    def __repr__(self) -> str:
+        return (f"AudioFolderDataset({self.root!r}, split={self.split!r}, files={len(self.files)}, items={len(self)}, "
+                f"sample_rate={self.sample_rate}, sample_len={self.sample_len}, skipped={len(self.skipped)})")
+
+
+# ----------------------------------------------------------------------------------------------
+# The built-in synthetic dataset
+# ----------------------------------------------------------------------------------------------
+
+# Ten melodic motifs (the classes): scale steps in semitones above the root, relative durations.
+_MOTIFS = (
+    ((0, 4, 7), (1, 1, 2)),
+    ((7, 4, 0), (1, 1, 2)),
+    ((0, 2, 4, 5, 7), (1, 1, 1, 1, 2)),
+    ((0, 12), (1, 1)),
+    ((0, 0, 0), (1, 1, 1)),
+    ((0, 3, 7, 3), (1, 1, 1, 1)),
+    ((5, 0), (3, 1)),
+    ((0, 7, 5, 4), (2, 1, 1, 2)),
+    ((0,), (1,)),
+    ((0, 2, 0, 2, 0), (1, 1, 1, 1, 2)),
+)
+BUILTIN_CLASSES = ("arpeggio_up", "arpeggio_down", "scale_up", "octave_leap", "repeated_note",
+                   "minor_turn", "fourth_down", "leap_then_steps", "long_note", "trill")
+BUILTIN_TIMBRES = ("harmonic", "fm", "pluck", "formant")
+# Formant frequencies (Hz) of five vowels, a i u e o.
+_VOWELS = np.array([(730, 1090, 2440), (270, 2290, 3010), (300, 870, 2240), (530, 1840, 2480), (570, 840, 2410)],
+                   dtype=np.float64)
+_TABLE = 2048
+_DEFAULT_N_ITEMS = {"train": 10000, "val": 500, "test": 500}
+
+
+def _wavetable(amplitudes) -> np.ndarray:
+    """One period (_TABLE samples) of sum_k a_k sin(2 pi k t)."""
+    spectrum = np.zeros(_TABLE // 2 + 1, dtype=np.complex128)
+    spectrum[1:len(amplitudes) + 1] = -0.5j * _TABLE * np.asarray(amplitudes)
+    return np.fft.irfft(spectrum, _TABLE)
+
+
+def _oscillator(table: np.ndarray, phase: np.ndarray) -> np.ndarray:
+    """Read a periodic wavetable at `phase` (cycles) with linear interpolation."""
+    position = (phase % 1.0) * _TABLE
+    i = position.astype(np.int64)
+    frac = position - i
+    a, b = table[i], table[(i + 1) % _TABLE]
+    return a + frac * (b - a)
+
+
+def synthesize_clip(label: int, timbre: int, rng: np.random.Generator, sample_rate: int = 16000,
+                    n_samples: int = 16000) -> np.ndarray:
+    """Synthesise one clip: motif `label` played in timbre `timbre`, details drawn from `rng`.
+
+    The motif's notes fill 50-85% of the clip at a random onset; per clip: root pitch (MIDI
+    52-67, continuous), articulation, attack/release, vibrato, timbre parameters, peak
+    amplitude 0.25-0.8 and a little noise that follows the signal's envelope (silence stays
+    exactly 0). Returns float32 (n_samples,).
+    """
+    from scipy.signal import lfilter
+
+    sr, n = sample_rate, n_samples
+    steps, durations = _MOTIFS[label]
+    out = np.zeros(n)
+    root = rng.uniform(52.0, 67.0)
+    f0s = 440.0 * 2.0 ** ((root + np.asarray(steps, dtype=np.float64) - 69.0) / 12.0)
+    span = rng.uniform(0.5, 0.85) * n
+    t_start = rng.uniform(0.02, 0.98 - span / n) * n
+    lengths = np.asarray(durations, dtype=np.float64)
+    lengths *= span / lengths.sum()
+    onsets = t_start + np.concatenate([[0.0], np.cumsum(lengths)[:-1]])
+    gate = rng.uniform(0.7, 0.95)
+    attack, release = rng.uniform(0.002, 0.02) * sr, rng.uniform(0.01, 0.05) * sr
+    vibrato_depth, vibrato_rate = rng.uniform(0.0, 0.006), rng.uniform(4.0, 7.0)
+    n_harmonics = max(1, int(0.45 * sr / f0s.max()))  # band-limited for the highest note
+
+    if timbre == 0:  # harmonic tone: 1/k^p partials, even ones scaled
+        k = np.arange(1, min(24, n_harmonics) + 1)
+        table = _wavetable(k ** -rng.uniform(0.8, 2.0) * np.where(k % 2 == 0, rng.uniform(0.3, 1.0), 1.0))
+    elif timbre == 1:  # FM: carrier f0, modulator ratio * f0, decaying index
+        ratio, index0, index_decay = rng.choice([0.5, 1.0, 2.0, 3.0]), rng.uniform(1.0, 4.0), rng.uniform(3.0, 12.0)
+    elif timbre == 2:  # Karplus-Strong plucked string
+        decay, brightness = rng.uniform(0.990, 0.998), rng.uniform(0.3, 0.9)
+    else:  # formant: pulse-like source through three vowel resonators, a noise burst at each onset
+        table = _wavetable(np.full(n_harmonics, n_harmonics ** -0.5))
+        vowels = rng.integers(0, len(_VOWELS), size=len(steps))
+        bandwidth, formant_shift = rng.uniform(60.0, 120.0), 2.0 ** rng.uniform(-0.1, 0.1)
+
+    for j, (onset, length, f0) in enumerate(zip(onsets, lengths, f0s)):
+        s, held = int(onset), int(length * gate)
+        total = min(n - s, held + int(6 * release))
+        if total <= 0:
+            continue
+        i = np.arange(total)
+        t = i / sr
+        envelope = np.minimum(1.0, i / attack) * np.where(i < held, 1.0, np.exp(-(i - held) / release))
+        phase = np.cumsum(f0 * (1.0 + vibrato_depth * np.sin(2 * np.pi * vibrato_rate * t))) / sr
+        if timbre == 0:
+            note = _oscillator(table, phase) * np.exp(-1.5 * t)
+        elif timbre == 1:
+            note = np.sin(2 * np.pi * phase + index0 * np.exp(-index_decay * t) * np.sin(2 * np.pi * ratio * phase))
+        elif timbre == 2:
+            period = max(2, int(round(sr / f0)))
+            excitation = np.zeros(total)
+            burst = lfilter([brightness], [1.0, brightness - 1.0], rng.standard_normal(period))
+            excitation[:min(period, total)] = burst[:total]
+            feedback = np.zeros(period + 2)
+            feedback[0], feedback[period], feedback[period + 1] = 1.0, -decay / 2, -decay / 2
+            note = lfilter([1.0], feedback, excitation)
+            envelope = np.where(i < held, 1.0, np.exp(-(i - held) / release))
+        else:
+            source = _oscillator(table, phase) + 0.5 * rng.standard_normal(total) * np.exp(-t / 0.008)
+            note = np.zeros(total)
+            for formant, gain in zip(_VOWELS[vowels[j]] * formant_shift, (1.0, 0.6, 0.3)):
+                r, theta = np.exp(-np.pi * bandwidth / sr), 2 * np.pi * min(formant, 0.45 * sr) / sr
+                note += gain * lfilter([1.0 - r], [1.0, -2.0 * r * np.cos(theta), r * r], source)
+        out[s:s + total] += note * envelope
+
+    out *= rng.uniform(0.25, 0.8) / max(np.abs(out).max(), 1e-12)
+    follower = lfilter([0.01], [1.0, -0.99], np.abs(out))
+    out += rng.uniform(0.001, 0.005) * follower * rng.standard_normal(n)
+    out[np.abs(out) < 2e-5] = 0.0  # noise gate: silence is exactly 0 (the quantiser's zero level)
+    return out.astype(np.float32)
+
+
+class BuiltinDataset(Dataset):
+    """Procedurally synthesised, SC09-like clips (1 s at 16 kHz): 10 motif classes x 4 timbres.
+
+    Clip c of a split plays motif c % 10 (its `label`) in timbre (c // 10) % 4; everything
+    else is drawn from a generator seeded by (seed, split, c), so any item can be rebuilt on its
+    own and the splits never share a clip. Nothing is downloaded or stored: clips are
+    synthesised on access (a few ms each). n_items counts clips (default 10000 train, 500 val,
+    500 test); if sample_len is shorter than the clip, each clip gives ceil(clip/sample_len)
+    chunks, the last padded and masked, like AudioFolderDataset.
+    """
+
+    classes = BUILTIN_CLASSES
+    timbres = BUILTIN_TIMBRES
+
+    def __init__(self, split: str = "train", n_items: int | None = None, sample_rate: int = 16000,
+                 sample_len: int = 16000, seed: int = 0, quantizer: Quantizer | str | None = "mu_law", *,
+                 bits: int = 8, waveform: bool = False, duration: float = 1.0):
+        self.split = _canonical_split(split)
+        self.n_items = _DEFAULT_N_ITEMS[self.split] if n_items is None else _check_positive_int(n_items, "n_items")
+        self.sample_rate = _check_positive_int(sample_rate, "sample_rate")
+        self.sample_len = _check_positive_int(sample_len, "sample_len")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        self.seed = int(seed)
+        if not duration > 0:
+            raise ValueError(f"duration must be positive (seconds), got {duration!r}")
+        self.clip_len = max(1, int(round(duration * self.sample_rate)))
+        self.quantizer = _make_quantizer(quantizer, bits)
+        self.waveform = bool(waveform)
+        self._make_item = _ItemMaker(self.sample_len, self.quantizer, self.waveform)
+        self.chunks_per_clip = -(-self.clip_len // self.sample_len)
+        self._last = (None, None)
+
+    def __len__(self) -> int:
+        return self.n_items * self.chunks_per_clip
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def clip_info(self, clip: int) -> dict:
+        return {"label": clip % len(_MOTIFS), "timbre": (clip // len(_MOTIFS)) % len(BUILTIN_TIMBRES),
+                "class_name": BUILTIN_CLASSES[clip % len(_MOTIFS)],
+                "timbre_name": BUILTIN_TIMBRES[(clip // len(_MOTIFS)) % len(BUILTIN_TIMBRES)]}
+
+    def label(self, index: int) -> int:
+        return (index // self.chunks_per_clip) % len(_MOTIFS)
+
+    def clip(self, clip: int) -> np.ndarray:
+        """The whole float32 clip number `clip` (clip_len samples)."""
+        if self._last[0] == clip:
+            return self._last[1]
+        info = self.clip_info(clip)
+        rng = np.random.default_rng([self.seed, SPLITS.index(self.split), clip])
+        wav = synthesize_clip(info["label"], info["timbre"], rng, self.sample_rate, self.clip_len)
+        self._last = (clip, wav)
+        return wav
+
+    def __getitem__(self, index: int) -> dict:
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for {n} items")
+        clip, chunk = divmod(index % n, self.chunks_per_clip)
+        start = chunk * self.sample_len
+        return self._make_item(self.clip(clip)[start:start + self.sample_len], self.label(index % n))
+
+    def __repr__(self) -> str:
+        return (f"BuiltinDataset(split={self.split!r}, n_items={self.n_items}, sample_rate={self.sample_rate}, "
+                f"sample_len={self.sample_len}, seed={self.seed})")
+
+
+def make_dataset(data, split: str = "train", *, sample_rate: int = 16000, sample_len: int = 16000,
+                 quantization: Quantizer | str | None = "mu_law", bits: int = 8, waveform: bool = False,
+                 seed: int = 0, n_items: int | None = None, **kwargs) -> Dataset:
+    """'builtin' -> BuiltinDataset; a folder path -> AudioFolderDataset (n_items caps its items).
+
+    `quantization` is 'mu_law', 'linear', a Quantizer, or None (waveform only). Other keyword
+    arguments go to the dataset class.
+    """
+    common = dict(sample_rate=sample_rate, sample_len=sample_len, quantizer=quantization, bits=bits,
+                  waveform=waveform)
+    if isinstance(data, str) and data.lower() == "builtin":
+        return BuiltinDataset(split, n_items=n_items, seed=seed, **common, **kwargs)
+    if not isinstance(data, (str, os.PathLike)):
+        raise TypeError(f"data must be 'builtin' or a folder path, got {type(data).__name__}")
+    return AudioFolderDataset(data, split, max_items=n_items, **common, **kwargs)
