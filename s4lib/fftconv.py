@@ -1,0 +1,162 @@
+"""FFTConv: the SSM as a long convolution, y = irfft(rfft(u) * rfft(K)) + D u, with recurrent stepping.
+
+Keywords follow state-spaces/s4's standalone FFTConv so that models can switch:
+FFTConv(d_model, l_max=None, channels=1, bidirectional=False, activation='gelu',
+transposed=True, dropout=0.0, mode='dplr'|'diag', **kernel_args).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .ssm import SSMKernelDiag, SSMKernelDPLR
+
+KERNELS = {"dplr": SSMKernelDPLR, "s4": SSMKernelDPLR, "nplr": SSMKernelDPLR,
+           "diag": SSMKernelDiag, "s4d": SSMKernelDiag}
+
+
+def activation_module(name: str | None, dim: int = -1) -> nn.Module:
+    table = {None: nn.Identity, "id": nn.Identity, "identity": nn.Identity, "linear": nn.Identity,
+             "gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU, "silu": nn.SiLU,
+             "swish": nn.SiLU, "sigmoid": nn.Sigmoid, "softplus": nn.Softplus}
+    if name == "glu":
+        return nn.GLU(dim=dim)
+    if name not in table:
+        raise ValueError(f"unknown activation {name!r}; expected one of {sorted(k for k in table if k)} or 'glu'")
+    return table[name]()
+
+
+class DropoutNd(nn.Module):
+    """Dropout with the mask tied across the sequence (like Dropout1d), for (B, H, L) inputs."""
+
+    def __init__(self, p: float = 0.5):
+        super().__init__()
+        if not 0 <= p < 1:
+            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        mask = torch.rand(*x.shape[:2], *([1] * (x.dim() - 2)), device=x.device) < 1 - self.p
+        return x * mask / (1 - self.p)
+
+
+def fft_conv(u: torch.Tensor, K: torch.Tensor, n: int) -> torch.Tensor:
+    """Circular convolution of u (B, H, L) with K (C, H, Lk) by FFT of size n, first L outputs: (B, C, H, L).
+
+    With n >= L + Lk - 1 this is the causal linear convolution.
+    """
+    L = u.shape[-1]
+    u_f = torch.fft.rfft(u, n=n)
+    K_f = torch.fft.rfft(K, n=n)
+    return torch.fft.irfft(u_f.unsqueeze(1) * K_f, n=n)[..., :L]
+
+
+def check_input(x: torch.Tensor, d_model: int, transposed: bool, name: str = "x") -> None:
+    layout = f"(batch, d_model={d_model}, length)" if transposed else f"(batch, length, d_model={d_model})"
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {layout}, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor (float32/float64) of shape {layout}, got {x.dtype}")
+    if x.dim() != 3:
+        raise ValueError(f"{name} must have shape {layout}, got {x.dim()}-D shape {tuple(x.shape)}")
+    H = x.shape[1] if transposed else x.shape[2]
+    if H != d_model:
+        raise ValueError(f"{name} must have shape {layout}, got {tuple(x.shape)} "
+                         f"(channel axis has {H}, expected {d_model}; transposed={transposed})")
+    if x.shape[-1 if transposed else 1] < 1:
+        raise ValueError(f"{name} must have length >= 1, got shape {tuple(x.shape)}")
+
+
+class FFTConv(nn.Module):
+    """SSM convolution layer: K from an SSM kernel module, FFT convolution, D skip, activation, dropout.
+
+    d_model (H) channels in; output has channels*H features. `transposed=True` takes
+    (B, H, L), otherwise (B, L, H). `l_max=None` serves any length. `bidirectional` sums a
+    causal kernel and a flipped anti-causal one. forward(x, state=None, rate=1.0) returns
+    (y, next_state); next_state is None unless a state was passed (state forwarding).
+    """
+
+    def __init__(self, d_model: int, l_max: int | None = None, channels: int = 1, bidirectional: bool = False,
+                 activation: str | None = "gelu", transposed: bool = True, dropout: float = 0.0,
+                 tie_dropout: bool = False, mode: str = "dplr", kernel: str | None = None, **kernel_args):
+        super().__init__()
+        mode = kernel if kernel is not None else mode
+        if mode not in KERNELS:
+            raise ValueError(f"unknown mode {mode!r}; expected one of {sorted(KERNELS)}")
+        if not (isinstance(channels, int) and channels >= 1):
+            raise ValueError(f"channels must be an int >= 1, got {channels!r}")
+        if l_max is not None and not (isinstance(l_max, int) and l_max >= 1):
+            raise ValueError(f"l_max must be None or an int >= 1, got {l_max!r}")
+        self.d_model, self.channels, self.l_max = d_model, channels, l_max
+        self.bidirectional, self.transposed, self.mode = bidirectional, transposed, mode
+        self.activation = activation_module(activation, dim=1 if transposed else -1)
+        if activation == "glu" and channels % 2:
+            raise ValueError("activation='glu' halves the channels: use an even number of channels")
+        self.D = nn.Parameter(torch.randn(channels, d_model))
+        kernel_channels = 2 * channels if bidirectional else channels
+        if KERNELS[mode] is SSMKernelDPLR:
+            kernel_args["l_max"] = l_max
+        self.kernel = KERNELS[mode](d_model, channels=kernel_channels, **kernel_args)
+        dropout_cls = DropoutNd if tie_dropout else nn.Dropout
+        self.drop = dropout_cls(dropout) if dropout > 0 else nn.Identity()
+
+    @property
+    def d_output(self) -> int:
+        return self.d_model * self.channels
+
+    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None, rate: float = 1.0, **kwargs):
+        check_input(x, self.d_model, self.transposed)
+        if not rate > 0:
+            raise ValueError(f"rate must be > 0, got {rate}")
+        if state is not None and self.bidirectional:
+            raise ValueError("state forwarding is causal: not available with bidirectional=True")
+        u = x if self.transposed else x.transpose(-1, -2)  # (B, H, L)
+        B, H, L = u.shape
+        if state is not None:
+            self.kernel._check_state(state, (B,))
+        l_kernel = L if self.l_max is None else min(L, round(self.l_max / rate))
+        if state is not None and l_kernel < L:
+            raise ValueError(f"state forwarding needs the whole kernel: input length {L} exceeds l_max={self.l_max}")
+        K, K_state = self.kernel(L=l_kernel, state=state, rate=rate)  # (C', H, l_kernel)
+        K = K.to(u.dtype)
+        if self.bidirectional:
+            K_fwd, K_bwd = K[: self.channels], K[self.channels:]
+            # causal part at lags 0..; anti-causal part at lags -1, -2, ... (lag 0 counted once)
+            # with FFT size l_kernel + L the circular wrap puts the anti-causal part on future inputs
+            K = F.pad(K_fwd, (0, L)) + F.pad(K_bwd.flip(-1), (L, 0))
+        y = fft_conv(u, K, n=l_kernel + L)  # (B, C, H, L)
+        y = y + u.unsqueeze(1) * self.D.unsqueeze(-1)
+        next_state = None
+        if state is not None:
+            y = y + K_state.to(u.dtype)
+            next_state = self.kernel.forward_state(u, state)
+        y = y.reshape(B, self.channels * H, L)
+        y = self.drop(y)
+        if not self.transposed:
+            y = y.transpose(-1, -2)
+        return self.activation(y), next_state
+
+    # ---------------------------------------------------------------- recurrent mode
+    def setup_step(self, mode: str = "linear", **kwargs):
+        """Prepare the recurrence (call after training / after moving the module)."""
+        if self.bidirectional:
+            raise ValueError("a bidirectional layer cannot run as a recurrence")
+        self.kernel.setup_step(mode=mode, **kwargs)
+
+    def default_state(self, *batch_shape, device=None) -> torch.Tensor:
+        return self.kernel.default_state(*batch_shape, device=device)
+
+    def step(self, x: torch.Tensor, state: torch.Tensor):
+        """x (B, H) -> y (B, channels*H), next state."""
+        if not hasattr(self.kernel, "_step"):
+            raise RuntimeError("call setup_step() before step()")
+        if x.dim() != 2 or x.shape[-1] != self.d_model:
+            raise ValueError(f"step input must have shape (batch, d_model={self.d_model}), got {tuple(x.shape)}")
+        y, state = self.kernel.step(x, state)  # (B, C, H)
+        y = y + x.unsqueeze(1) * self.D
+        y = y.reshape(x.shape[0], -1)
+        return self.activation(y), state
