@@ -131,14 +131,16 @@ def _read_list(path: str) -> set[str]:
 
 
 def _position_split(n: int, fractions) -> np.ndarray:
-    """Split ids (0 train, 1 val, 2 test) for n consecutive pieces: train first, then val, then test."""
+    """Split ids (0 train, 1 val, 2 test) for n consecutive pieces: train first, then val, then test.
+
+    Each split with a positive fraction gets at least one piece when n allows (train first).
+    """
     ids = np.zeros(n, dtype=np.int8)
-    if n >= 3:
-        n_val = max(1, int(round(n * fractions[1])))
-        n_test = max(1, int(round(n * fractions[2])))
-        n_train = max(1, n - n_val - n_test)
-        ids[n_train:n_train + n_val] = 1
-        ids[n_train + n_val:] = 2
+    n_val, n_test = (max(1, int(round(n * f))) if f > 0 else 0 for f in fractions[1:])
+    n_val = min(n_val, max(0, n - 1))  # train keeps at least one piece
+    n_test = min(n_test, max(0, n - 1 - n_val))
+    ids[n - n_val - n_test:n - n_test] = 1
+    ids[n - n_test:] = 2
     return ids
 
 
@@ -147,17 +149,18 @@ def assign_file_splits(files: list[str], fractions=(0.9, 0.05, 0.05), val_list=N
 
     With SC09 lists, listed files are val/test and the rest train. Otherwise each file's split
     comes from a hash of its path (so it never changes when files are added or removed); if
-    that leaves a split empty and there are at least 3 files, files are ranked by the hash and
-    cut by the fractions instead (every split gets one); with fewer than 3 files, None.
+    that leaves a split with a positive fraction empty, files are ranked by the hash and cut by
+    the fractions instead (every such split gets one); with fewer files than such splits, None.
     """
     if val_list is not None or test_list is not None:
         val_list, test_list = val_list or set(), test_list or set()
         return np.array([1 if f in val_list else 2 if f in test_list else 0 for f in files], dtype=np.int8)
     u = np.array([_hash_unit(_split_key(f)) for f in files])
     ids = np.where(u < fractions[0], 0, np.where(u < fractions[0] + fractions[1], 1, 2)).astype(np.int8)
-    if len(set(ids.tolist())) == 3:
+    needed = {k for k, f in enumerate(fractions) if f > 0}
+    if needed <= set(ids.tolist()):
         return ids
-    if len(files) < 3:
+    if len(files) < len(needed):
         return None
     ranked = np.empty(len(files), dtype=np.int8)
     ranked[np.argsort(u, kind="stable")] = _position_split(len(files), fractions)
