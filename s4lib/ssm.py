@@ -243,9 +243,9 @@ class SSMKernelDiag(SSMKernel):
         if self.disc == "dss" and bool(grow.any()):
             # growing modes: exp(x l) = exp(x (L-1)) exp(-x (L-1-l)); dB already carries exp(x (L-1))
             zero = torch.zeros_like(v)
-            K = ops.log_vandermonde(torch.where(grow, zero, v), x, L, backend=self.backend)
-            K = K + ops.log_vandermonde(torch.where(grow, v, zero), torch.where(grow, -x, x), L,
-                                        backend=self.backend).flip(-1)
+            x_decaying = torch.where(grow, -x, x)  # every entry decays; masked entries carry v = 0
+            K = ops.log_vandermonde(torch.where(grow, zero, v), x_decaying, L, backend=self.backend)
+            K = K + ops.log_vandermonde(torch.where(grow, v, zero), x_decaying, L, backend=self.backend).flip(-1)
         else:
             K = ops.log_vandermonde(v, x, L, backend=self.backend)
         K_state = None
