@@ -188,7 +188,7 @@ class AudioFolderDataset(Dataset):
 
     def __init__(self, root, split: str = "train", sample_rate: int = 16000, sample_len: int = 16000,
                  quantizer: Quantizer | str | None = "mu_law", *, bits: int = 8, waveform: bool = False,
-                 split_fractions=(0.9, 0.05, 0.05), check_files: bool = True, cache_bytes: int = 256 << 20,
+                 split_fractions=(0.9, 0.05, 0.05), check_files: bool = True, cache_bytes: int = 128 << 20,
                  max_items: int | None = None):
         self.root = os.fspath(root)
         self.split = _canonical_split(split)
