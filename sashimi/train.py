@@ -1,0 +1,707 @@
+"""Training loop for the autoregressive SaShiMi waveform model: TrainConfig, train(cfg), checkpoints.
+
+    from sashimi.train import TrainConfig, train
+    train(TrainConfig(data="builtin", preset="tiny", out="runs/tiny", max_steps=300))
+
+Everything happens in `train()`, top to bottom: processes, model, optimiser, data, then the loop
+(learning rate -> batch -> loss -> backward -> clip -> step -> EMA -> log -> validate -> checkpoint).
+Under `torchrun --nproc_per_node K` every process runs the same loop on 1/K of each global batch
+(DistributedDataParallel); only rank 0 writes files. See docs/training.md.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from s4lib import param_groups
+
+from .data import make_dataset
+from .model import PRESETS, ModelConfig, build_model, count_parameters, nll_bits
+
+__all__ = ["TrainConfig", "train", "NonFiniteLossError", "CheckpointError", "load_checkpoint",
+           "resolve_checkpoint", "model_from_checkpoint", "CHECKPOINT_FORMAT", "LAST_CHECKPOINT",
+           "BEST_CHECKPOINT"]
+
+CHECKPOINT_FORMAT = 1  # bump when the checkpoint layout changes incompatibly
+LAST_CHECKPOINT = "last.pt"  # written every ckpt_every steps, at the end, and on SIGINT/SIGTERM
+BEST_CHECKPOINT = "best.pt"  # written when the validation NLL improves
+LN2 = math.log(2.0)
+
+
+def _opt(default, help: str):
+    """A config field with its --help text (the CLI builds one flag per field)."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    # what to train, and where
+    data: str = _opt("builtin", "'builtin' (synthetic, no download) or a folder of audio files")
+    preset: str = _opt("sc09", "model preset (sashimi.model.PRESETS)")
+    out: str = _opt("runs/sashimi", "run directory: checkpoints, config.json, metrics.jsonl, curves.png")
+    sample_len: int | None = _opt(None, "training clip length in samples (default: the preset's)")
+    dropout: float | None = _opt(None, "override the preset's dropout")
+    n_train_items: int | None = _opt(None, "use at most this many training items (default: all)")
+    n_val_items: int | None = _opt(None, "use at most this many validation items (default: all)")
+    # optimisation
+    max_steps: int = _opt(100_000, "total optimiser steps (a resumed run continues up to this)")
+    batch_size: int = _opt(8, "global batch size, split evenly across processes")
+    lr: float = _opt(4e-3, "peak learning rate (SSM A, B, dt keep their own 1e-3 from s4lib)")
+    weight_decay: float = _opt(0.0, "AdamW weight decay (SSM parameters are exempt)")
+    warmup_steps: int = _opt(1000, "linear warmup from 0 to lr")
+    schedule: str = _opt("cosine", "'cosine' (decay to min_lr_ratio*lr at decay_steps) or 'plateau'")
+    decay_steps: int | None = _opt(None, "length of the cosine schedule (default: max_steps)")
+    min_lr_ratio: float = _opt(0.01, "final learning rate of the cosine schedule, relative to lr")
+    plateau_factor: float = _opt(0.5, "plateau: multiply the learning rate by this ...")
+    plateau_patience: int = _opt(5, "... after this many validations without improvement")
+    grad_clip: float = _opt(1.0, "clip the global gradient norm to this (0: off)")
+    ema: float | None = _opt(None, "decay of an exponential moving average of the weights, e.g. 0.999; "
+                                   "validation and best.pt then use the EMA weights")
+    precision: str = _opt("fp32", "'fp32', or 'bf16' (autocast; CUDA or recent CPUs)")
+    max_nonfinite: int = _opt(10, "stop after this many consecutive non-finite losses")
+    # bookkeeping
+    seed: int = _opt(0, "seed for initialisation, data order and dropout")
+    num_workers: int = _opt(0, "DataLoader worker processes per training process")
+    log_every: int = _opt(10, "append training metrics every this many steps")
+    val_every: int = _opt(500, "validate every this many steps (and at the end)")
+    val_batches: int | None = _opt(None, "validate on at most this many batches (default: the whole split)")
+    ckpt_every: int = _opt(500, "write last.pt every this many steps (and at the end)")
+    resume: bool = _opt(False, "continue from RUN_DIR/last.pt")
+    progress: bool = _opt(True, "show a progress bar")
+    debug_nonfinite_steps: tuple[int, ...] = _opt((), "testing aid: make the loss NaN at these (0-based) steps")
+
+    def check(self) -> None:
+        """Raise ValueError naming the first bad field."""
+        positive = ["max_steps", "batch_size", "log_every", "val_every", "ckpt_every", "max_nonfinite"]
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ["sample_len", "n_train_items", "n_val_items", "val_batches", "decay_steps"]:
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr!r}")
+        if self.weight_decay < 0 or self.warmup_steps < 0 or self.grad_clip < 0 or self.num_workers < 0:
+            raise ValueError("weight_decay, warmup_steps, grad_clip and num_workers must be >= 0")
+        if self.schedule not in ("cosine", "plateau"):
+            raise ValueError(f"schedule must be 'cosine' or 'plateau', got {self.schedule!r}")
+        if not 0 <= self.min_lr_ratio <= 1 or not 0 < self.plateau_factor < 1 or self.plateau_patience < 0:
+            raise ValueError("need 0 <= min_lr_ratio <= 1, 0 < plateau_factor < 1, plateau_patience >= 0")
+        if self.ema is not None and not 0 < self.ema < 1:
+            raise ValueError(f"ema must be a decay in (0, 1) or None, got {self.ema!r}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["debug_nonfinite_steps"] = list(self.debug_nonfinite_steps)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown training config keys {unknown}")
+        d = dict(d)
+        if "debug_nonfinite_steps" in d:
+            d["debug_nonfinite_steps"] = tuple(d["debug_nonfinite_steps"])
+        return cls(**d)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient; the run stopped."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable, of another format version, or of another model."""
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+@dataclass
+class Processes:
+    """Where this process sits: rank among world_size processes, and its device."""
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    owns_group: bool = False  # this train() call created the process group (and destroys it)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        """Sum numbers over processes (float64)."""
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.world_size > 1:
+            dist.all_reduce(t)
+        return t.tolist()
+
+
+def setup_processes() -> Processes:
+    """Join the process group when launched by torchrun (RANK / WORLD_SIZE / LOCAL_RANK are set)."""
+    if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
+        return Processes(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        device, backend = torch.device("cuda", local_rank), "nccl"
+        torch.cuda.set_device(device)
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    owns = not dist.is_initialized()
+    if owns:
+        dist.init_process_group(backend=backend)
+    return Processes(rank, world_size, device, owns)
+
+
+# ----------------------------------------------------------------------------- model config
+
+
+def resolve_model_config(cfg: TrainConfig) -> ModelConfig:
+    """The preset's model config with this run's overrides (sample_len, dropout)."""
+    preset = PRESETS[cfg.preset]
+    d = preset.to_dict() if hasattr(preset, "to_dict") else dict(preset)
+    if cfg.sample_len is not None:
+        d["sample_len"] = cfg.sample_len
+    if cfg.dropout is not None:
+        d["dropout"] = cfg.dropout
+    return ModelConfig.from_dict(d)
+
+
+def _config_diff(saved: dict, wanted: dict) -> list[str]:
+    keys = sorted(set(saved) | set(wanted))
+    norm = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731  (JSON turns tuples into lists)
+    return [f"{k}: checkpoint {saved.get(k)!r} vs requested {wanted.get(k)!r}"
+            for k in keys if norm(saved.get(k)) != norm(wanted.get(k))]
+
+
+# ----------------------------------------------------------------------------- learning rate
+
+
+class LRSchedule:
+    """Learning-rate multiplier: linear warmup, then cosine decay or reduce-on-plateau.
+
+    factor(step) multiplies every parameter group's initial lr (so SSM groups with their own
+    lr are scaled alike). `observe(val_bits)` feeds the plateau rule after each validation.
+    """
+
+    def __init__(self, cfg: TrainConfig):
+        self.kind, self.warmup = cfg.schedule, cfg.warmup_steps
+        self.decay_steps = cfg.decay_steps or cfg.max_steps
+        self.min_ratio = cfg.min_lr_ratio
+        self.factor_on_plateau, self.patience = cfg.plateau_factor, cfg.plateau_patience
+        self.plateau_scale, self.best, self.bad_validations = 1.0, math.inf, 0
+
+    def factor(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        if self.kind == "plateau":
+            return self.plateau_scale
+        progress = min(1.0, (step - self.warmup) / max(1, self.decay_steps - self.warmup))
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def observe(self, val_bits: float) -> None:
+        if self.kind != "plateau":
+            return
+        if val_bits < self.best:
+            self.best, self.bad_validations = val_bits, 0
+        else:
+            self.bad_validations += 1
+            if self.bad_validations > self.patience:
+                self.plateau_scale *= self.factor_on_plateau
+                self.bad_validations = 0
+
+    def state_dict(self) -> dict:
+        return {"plateau_scale": self.plateau_scale, "best": self.best, "bad_validations": self.bad_validations}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.plateau_scale, self.best, self.bad_validations = d["plateau_scale"], d["best"], d["bad_validations"]
+
+
+# ----------------------------------------------------------------------------- data order
+
+
+class GlobalBatches:
+    """Deterministic data order: epoch e is a permutation seeded by (seed, e), cut into global batches.
+
+    The last incomplete batch of an epoch is dropped. Process `rank` of `world_size` takes the
+    rank-th contiguous slice of every global batch, so K processes see exactly the batches one
+    process would see. A position (epoch, index) says where the next batch starts.
+    """
+
+    def __init__(self, n_items: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        if batch_size % world_size:
+            raise ValueError(f"batch_size={batch_size} must be divisible by the number of processes ({world_size})")
+        if n_items < batch_size:
+            raise ValueError(f"the training split has {n_items} items, fewer than batch_size={batch_size}")
+        self.n_items, self.batch_size, self.seed = n_items, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.per_epoch = n_items // batch_size
+
+    def local_batches(self, epoch: int) -> list[list[int]]:
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.n_items)
+        local = self.batch_size // self.world_size
+        starts = range(0, self.per_epoch * self.batch_size, self.batch_size)
+        return [order[s + self.rank * local: s + (self.rank + 1) * local].tolist() for s in starts]
+
+
+def _ignore_sigint(_worker_id: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+
+
+def batch_stream(dataset, batches: GlobalBatches, epoch: int, index: int, num_workers: int):
+    """Yield (epoch, index, batch) forever from position (epoch, index); the position is the one after the batch."""
+    while True:
+        loader = DataLoader(dataset, batch_sampler=batches.local_batches(epoch)[index:], num_workers=num_workers,
+                            generator=torch.Generator(),  # keeps the global RNG untouched
+                            worker_init_fn=_ignore_sigint if num_workers else None)
+        for batch in loader:
+            index += 1
+            yield epoch, index, batch
+        epoch, index = epoch + 1, 0
+
+
+# ----------------------------------------------------------------------------- RNG states
+
+
+def rng_state() -> dict:
+    """torch / CUDA / numpy / python RNG states as tensors and primitives (loadable with weights_only=True)."""
+    py_version, py_state, py_gauss = random.getstate()
+    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
+                  "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_gauss)},
+        "python": {"version": py_version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss_next": py_gauss},
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"].tolist()), p["gauss_next"]))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def atomic_write(path: str, write) -> None:
+    """Write a file through `write(fileobj)` into a temporary file in the same folder, fsync, rename."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def write_json(path: str, obj) -> None:
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+def resolve_checkpoint(ckpt: str, prefer: tuple[str, ...] = (LAST_CHECKPOINT,)) -> str:
+    """A checkpoint file, or the first of `prefer` that exists in a run directory."""
+    if os.path.isdir(ckpt):
+        for name in prefer:
+            if os.path.isfile(os.path.join(ckpt, name)):
+                return os.path.join(ckpt, name)
+        raise CheckpointError(f"no checkpoint ({' or '.join(prefer)}) in run directory {ckpt}")
+    if not os.path.isfile(ckpt):
+        raise CheckpointError(f"checkpoint {ckpt} does not exist")
+    return ckpt
+
+
+def load_checkpoint(path: str) -> dict:
+    """torch.load(weights_only=True) plus format checks; raises CheckpointError with the reason."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated file, not a torch file, unsafe pickle content, ...
+        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
+    if not isinstance(state, dict) or "format_version" not in state:
+        raise CheckpointError(f"{path} is not a sashimi checkpoint (no format_version)")
+    if state["format_version"] != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} has checkpoint format version {state['format_version']}, but this "
+                              f"version of sashimi reads format {CHECKPOINT_FORMAT}")
+    return state
+
+
+def model_from_checkpoint(state: dict, use_ema: bool = True, path: str = "checkpoint"):
+    """Build the model described by a loaded checkpoint and load its (EMA) weights."""
+    try:
+        model_config = ModelConfig.from_dict(state["model_config"])
+        model = build_model(model_config)
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot build the model it describes ({e})") from e
+    weights = state["ema"] if use_ema and state.get("ema") is not None else state["model"]
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not fit its model config (preset {state.get('preset')!r}): {e}") from e
+    return model
+
+
+def read_metrics(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_curves(metrics_path: str, png_path: str) -> None:
+    """Train and validation bits/sample against step, from metrics.jsonl."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    records = read_metrics(metrics_path)
+    fig = Figure(figsize=(7, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for key, style in (("train_bits", "-"), ("val_bits", "o-")):
+        points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+        if points:
+            ax.plot(*zip(*points), style, label=key.replace("_", " "), markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("NLL (bits / sample)")
+    ax.grid(alpha=0.3)
+    if records:
+        ax.legend()
+    fig.tight_layout()
+    atomic_write(png_path, lambda f: fig.savefig(f, format="png", dpi=100))
+
+
+# ----------------------------------------------------------------------------- EMA and validation
+
+
+@torch.no_grad()
+def update_ema(ema_model: torch.nn.Module, model: torch.nn.Module, decay: float, step: int) -> None:
+    """ema = d * ema + (1 - d) * weights, with d ramped up as min(decay, (1 + step) / (10 + step))."""
+    d = min(decay, (1 + step) / (10 + step))
+    for e, p in zip(ema_model.state_dict().values(), model.state_dict().values()):
+        if e.is_floating_point() or e.is_complex():
+            e.mul_(d).add_(p, alpha=1 - d)
+        else:
+            e.copy_(p)
+
+
+@torch.no_grad()
+def validate(model, dataset, procs: Processes, local_batch: int, max_batches: int | None, autocast) -> tuple[float, int]:
+    """Bits/sample over the validation split (or its first max_batches global batches), summed over processes."""
+    n = len(dataset) if max_batches is None else min(len(dataset), max_batches * local_batch * procs.world_size)
+    indices = list(range(procs.rank, n, procs.world_size))
+    loader = DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=local_batch, shuffle=False)
+    was_training = model.training
+    model.eval()
+    total_bits, total_count = 0.0, 0.0
+    for batch in loader:
+        with autocast():
+            logits = model(batch["x"].to(procs.device))
+        bits, count = nll_bits(logits.float(), batch["y"].to(procs.device), batch["mask"].to(procs.device))
+        total_bits += float(bits)
+        total_count += float(count)
+    model.train(was_training)
+    total_bits, total_count = procs.all_sum([total_bits, total_count])
+    return total_bits / max(total_count, 1.0), int(total_count)
+
+
+# ----------------------------------------------------------------------------- signals
+
+
+class StopFlag:
+    """Set by the first SIGINT/SIGTERM; the loop finishes its step, checkpoints and returns.
+
+    A second signal gets the default behaviour (Ctrl-C twice aborts at once).
+    """
+
+    def __init__(self):
+        self.signal = None
+        self._previous = {}
+
+    def __enter__(self):
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # not the main thread: no signal handling
+            pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train (or resume) a run; returns a summary dict (step, status, last val bits, paths).
+
+    status is 'finished', or 'interrupted' (SIGINT/SIGTERM: last.pt was written). Raises
+    NonFiniteLossError after cfg.max_nonfinite consecutive non-finite steps (last.pt untouched).
+    """
+    cfg.check()
+    procs = setup_processes()
+    try:
+        return _train(cfg, procs)
+    finally:
+        if procs.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, procs: Processes) -> dict:
+    log = (lambda msg: tqdm.write(msg)) if procs.is_main else (lambda msg: None)
+    device = procs.device
+    last_path = os.path.join(cfg.out, LAST_CHECKPOINT)
+    metrics_path = os.path.join(cfg.out, "metrics.jsonl")
+    if procs.is_main:
+        os.makedirs(cfg.out, exist_ok=True)
+        if not cfg.resume and os.path.exists(last_path):
+            raise FileExistsError(f"{cfg.out} already holds a run ({LAST_CHECKPOINT}); pass --resume to "
+                                  f"continue it or choose another --out")
+
+    # ---- model, optimiser, schedule (identical initialisation on every process)
+    model_config = resolve_model_config(cfg)
+    seed_everything(cfg.seed)
+    model = build_model(model_config).to(device)
+    log(f"sashimi: preset {cfg.preset!r}, {count_parameters(model):,} parameters, "
+        f"{procs.world_size} process(es) on {device}")
+    ema_model = copy.deepcopy(model).eval() if cfg.ema is not None else None
+    optimizer = torch.optim.AdamW(param_groups(model, weight_decay=cfg.weight_decay, lr=cfg.lr), lr=cfg.lr)
+    for group in optimizer.param_groups:
+        group["initial_lr"] = group["lr"]  # the schedule scales every group's own lr
+    schedule = LRSchedule(cfg)
+    step, epoch, index, nonfinite_total, best_val, elapsed_before = 0, 0, 0, 0, math.inf, 0.0
+    seed_everything(cfg.seed + 1 + procs.rank)  # dropout etc.: a different stream per process
+
+    # ---- resume: weights, optimiser, schedule, position in the data, RNG
+    if cfg.resume and os.path.exists(last_path):
+        ckpt = load_checkpoint(last_path)
+        diff = _config_diff(ckpt["model_config"], model_config.to_dict())
+        if diff:
+            raise CheckpointError(f"{last_path} was trained with preset {ckpt.get('preset')!r}, a different model "
+                                  f"than preset {cfg.preset!r} with this run's overrides: " + "; ".join(diff))
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        schedule.load_state_dict(ckpt["scheduler"])
+        if ema_model is not None:
+            ema_model.load_state_dict(ckpt["ema"] if ckpt["ema"] is not None else ckpt["model"])
+        step, nonfinite_total, best_val = ckpt["step"], ckpt["nonfinite_total"], ckpt["best_val_bits"]
+        epoch, index = ckpt["data"]["epoch"], ckpt["data"]["index"]
+        elapsed_before = ckpt["elapsed_seconds"]
+        if ckpt["data"]["batch_size"] != cfg.batch_size or ckpt["data"]["seed"] != cfg.seed:
+            log("warning: batch_size or seed changed since the checkpoint; the data order is not the original one")
+        if len(ckpt["rng"]) == procs.world_size:
+            set_rng_state(ckpt["rng"][procs.rank])
+        else:
+            log(f"warning: checkpoint has RNG states for {len(ckpt['rng'])} processes, this run has "
+                f"{procs.world_size}; reseeding")
+            seed_everything(cfg.seed + 1 + procs.rank + 1000 * step)
+        if procs.is_main:  # forget metrics logged after the checkpoint (their steps will be redone)
+            kept = [r for r in read_metrics(metrics_path) if r["step"] <= step]
+            atomic_write(metrics_path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept).encode()))
+        log(f"resumed from {last_path} at step {step}")
+    elif cfg.resume:
+        log(f"--resume: no {last_path} yet, starting a new run")
+
+    if procs.is_main:
+        write_json(os.path.join(cfg.out, "config.json"),
+                   {"train": cfg.to_dict(), "model": model_config.to_dict(), "world_size": procs.world_size})
+    raw_model = model
+    if procs.world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    # ---- data
+    data_kwargs = dict(sample_rate=model_config.sample_rate, sample_len=model_config.sample_len,
+                       quantization=model_config.quantization, bits=model_config.bits)
+    train_set = make_dataset(cfg.data, "train", n_items=cfg.n_train_items, **data_kwargs)
+    val_set = make_dataset(cfg.data, "val", n_items=cfg.n_val_items, **data_kwargs)
+    batches = GlobalBatches(len(train_set), cfg.batch_size, cfg.seed, procs.rank, procs.world_size)
+    stream = batch_stream(train_set, batches, epoch, index, cfg.num_workers)
+    local_batch = cfg.batch_size // procs.world_size
+    if cfg.precision == "bf16":
+        autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16)  # noqa: E731
+    else:
+        autocast = lambda: torch.autocast(device.type, enabled=False)  # noqa: E731
+
+    def save_checkpoint(path: str) -> None:
+        """Collective (every process calls it: RNG states are gathered); rank 0 writes."""
+        rng = [rng_state()]
+        if procs.world_size > 1:
+            rng = [None] * procs.world_size
+            dist.all_gather_object(rng, rng_state())
+        if not procs.is_main:
+            return
+        state = {
+            "format_version": CHECKPOINT_FORMAT,
+            "preset": cfg.preset,
+            "model_config": model_config.to_dict(),
+            "train_config": cfg.to_dict(),
+            "model": raw_model.state_dict(),
+            "ema": ema_model.state_dict() if ema_model is not None else None,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": schedule.state_dict(),
+            "step": step,
+            "data": {"epoch": epoch, "index": index, "seed": cfg.seed, "batch_size": cfg.batch_size},
+            "rng": rng,
+            "nonfinite_total": nonfinite_total,
+            "best_val_bits": best_val,
+            "val_bits": val_bits,
+            "elapsed_seconds": elapsed_before + time.time() - t_start,
+            "world_size": procs.world_size,
+            "torch_version": str(torch.__version__),
+        }
+        atomic_write(path, lambda f: torch.save(state, f))
+
+    def append_metrics(record: dict) -> None:
+        if procs.is_main:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def run_validation() -> None:
+        nonlocal best_val, val_bits
+        eval_model = ema_model if ema_model is not None else raw_model
+        val_bits, n_samples = validate(eval_model, val_set, procs, local_batch, cfg.val_batches, autocast)
+        schedule.observe(val_bits)
+        append_metrics({"step": step, "val_bits": val_bits, "val_samples": n_samples, "lr": lr_now,
+                        "time": elapsed_before + time.time() - t_start})
+        log(f"step {step}: val {val_bits:.4f} bits/sample ({n_samples:,} samples)")
+        if val_bits < best_val:
+            best_val = val_bits
+            save_checkpoint(os.path.join(cfg.out, BEST_CHECKPOINT))
+        if procs.is_main:
+            plot_curves(metrics_path, os.path.join(cfg.out, "curves.png"))
+
+    # ---- the loop
+    t_start = time.time()
+    val_bits, lr_now, status = None, cfg.lr, "finished"
+    consecutive_nonfinite, window_bits, window_steps, window_clips, t_window = 0, 0.0, 0, 0, time.time()
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not (procs.is_main and cfg.progress),
+               dynamic_ncols=True, desc="train")
+    model.train()
+    with StopFlag() as stop:
+        while step < cfg.max_steps:
+            # learning rate for this step
+            lr_factor = schedule.factor(step)
+            for group in optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * lr_factor
+            lr_now = cfg.lr * lr_factor
+
+            # forward and backward; the loss is normalised by the token count of the *global* batch,
+            # and DDP averages gradients over processes, hence the factor world_size
+            epoch, index, batch = next(stream)
+            x, y, mask = batch["x"].to(device), batch["y"].to(device), batch["mask"].to(device)
+            with autocast():
+                logits = model(x)
+            bits, count = nll_bits(logits.float(), y, mask)
+            global_bits, global_count = procs.all_sum([float(bits.detach()), float(count)])
+            loss = bits * LN2 * procs.world_size / max(global_count, 1.0)
+            if step in cfg.debug_nonfinite_steps:
+                loss = loss * float("nan")
+                global_bits = float("nan")
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+
+            # a non-finite loss or gradient skips the update (same decision on every process)
+            train_bits = global_bits / max(global_count, 1.0)
+            if math.isfinite(train_bits) and torch.isfinite(grad_norm):
+                optimizer.step()
+                if ema_model is not None:
+                    update_ema(ema_model, raw_model, cfg.ema, step)
+                consecutive_nonfinite = 0
+                window_bits += train_bits
+                window_steps += 1
+            else:
+                consecutive_nonfinite += 1
+                nonfinite_total += 1
+                log(f"step {step}: non-finite loss or gradient, update skipped "
+                    f"({consecutive_nonfinite} in a row, {nonfinite_total} in total)")
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            window_clips += cfg.batch_size
+            bar.update(1)
+            if math.isfinite(train_bits):
+                bar.set_postfix(loss=f"{train_bits * LN2:.3f}", bits=f"{train_bits:.3f}", lr=f"{lr_now:.2e}")
+            if consecutive_nonfinite >= cfg.max_nonfinite:
+                bar.close()
+                raise NonFiniteLossError(
+                    f"stopped at step {step}: {consecutive_nonfinite} consecutive steps had a non-finite loss or "
+                    f"gradient (lower --lr, raise --warmup-steps, or check the data). The last good checkpoint "
+                    f"{last_path} was left as it was.")
+
+            # metrics, validation, checkpoint
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                seconds = time.time() - t_window
+                append_metrics({"step": step, "train_bits": window_bits / window_steps if window_steps else None,
+                                "lr": lr_now, "time": elapsed_before + time.time() - t_start,
+                                "samples_per_s": window_clips / seconds,
+                                "audio_samples_per_s": window_clips * model_config.sample_len / seconds,
+                                "nonfinite_steps": nonfinite_total})
+                window_bits, window_steps, window_clips, t_window = 0.0, 0, 0, time.time()
+            if step % cfg.val_every == 0 or step == cfg.max_steps:
+                run_validation()
+            healthy = consecutive_nonfinite == 0  # never overwrite last.pt in the middle of a bad streak
+            if healthy and (step % cfg.ckpt_every == 0 or step == cfg.max_steps):
+                save_checkpoint(last_path)
+
+            # SIGINT/SIGTERM: every process stops after the same step
+            if procs.all_sum([1.0 if stop.signal else 0.0])[0] > 0:
+                save_checkpoint(last_path)
+                status = "interrupted"
+                log(f"{stop.signal or 'signal'} received: saved {last_path} at step {step}; "
+                    f"continue with --resume")
+                break
+    bar.close()
+    return {"status": status, "step": step, "val_bits": val_bits, "best_val_bits": best_val,
+            "nonfinite_steps": nonfinite_total, "out": cfg.out, "checkpoint": last_path}
