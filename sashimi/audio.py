@@ -4,9 +4,9 @@
 format libsndfile knows (wav, flac, ogg, ...); integer PCM (8/16/24/32-bit) comes back scaled to
 [-1, 1). Resampling is polyphase (scipy.signal.resample_poly) by the rational factor
 sample_rate / file_rate, with a Kaiser-window low-pass that is flat to 0.9 x the lower Nyquist
-frequency and attenuates by 80 dB from the Nyquist frequency on (no audible aliasing). A region (`start`, `num_frames`, in output samples) can be read
-without decoding the whole file and equals the same slice of the whole file to float
-round-off. Every problem a user's file can cause raises `AudioError` (a ValueError) naming
+frequency and attenuates by 80 dB from the Nyquist frequency on (no audible aliasing). A
+region (`start`, `num_frames`, in output samples) can be read without decoding the whole file
+and equals the same slice of the whole file to float round-off. Every problem a user's file can cause raises `AudioError` (a ValueError) naming
 the file and a short `reason`: 'unreadable', 'empty', 'non-finite', 'read-error'.
 """
 

@@ -223,29 +223,7 @@ class AudioFolderDataset(Dataset):
         wanted = SPLITS.index(self.split)
         candidates = all_files if ids is None else [f for f, s in zip(all_files, ids) if s == wanted]
 
-        # Probe the split's files; keep those that decode, with their length at sample_rate.
-        self.files, self.skipped, lengths, self._cache = [], [], [], {}
-        cache_left = int(cache_bytes)
-        for rel in candidates:
-            path = os.path.join(self.root, rel)
-            try:
-                info = probe_audio(path, check_content=False)
-                n = resampled_length(info.frames, info.sample_rate, self.sample_rate)
-                if check_files and 4 * n <= cache_left:
-                    wav = load_audio(path, self.sample_rate).numpy()
-                    if len(wav) == 0:
-                        raise AudioError(path, "empty", "0 frames decoded")
-                    n, cache_left = len(wav), cache_left - 4 * len(wav)
-                    self._cache[len(self.files)] = wav
-                elif check_files:
-                    info = probe_audio(path, check_content=True)
-                    n = resampled_length(info.frames, info.sample_rate, self.sample_rate)
-            except AudioError as e:
-                self.skipped.append((rel, e.reason, e.detail))
-                logger.debug("skipping %s: %s (%s)", path, e.reason, e.detail)
-                continue
-            self.files.append(rel)
-            lengths.append(n)
+        lengths = self._probe_files(candidates, check_files, cache_bytes)
         self.labels_of_files = [class_id[f.split("/", 1)[0]] if "/" in f else -1 for f in self.files]
 
         # Items: (file, start) for every sample_len chunk; a tiny folder keeps its split's chunks.
@@ -277,13 +255,43 @@ class AudioFolderDataset(Dataset):
                 f"no usable audio in split '{self.split}' of folder {self.root!r}: {len(all_files)} audio files "
                 f"found, {len(candidates)} in this split, {len(self.skipped)} of them skipped as bad"
                 + (f" ({', '.join(f'{r}: {p}' for p, r, _ in self.skipped[:5])})" if self.skipped else "")
-                + ("; a folder of 1-2 files needs at least 3 chunks per file to fill val/test"
-                   if ids is None else ""))
+                + ("; the folder has too few files to split by file, so it is split by chunk position, "
+                   "and its files are too short to give this split a chunk" if ids is None else ""))
         self.n_replaced = 0
         self.read_failures: dict[str, str] = {}
 
     def __len__(self) -> int:
         return len(self._item_file)
+
+    def _probe_files(self, candidates: list[str], check_files: bool, cache_bytes: int) -> list[int]:
+        """Fill self.files (usable), self.skipped (bad) and self._cache; return the lengths at sample_rate.
+
+        With check_files, each file is decoded once: kept in the cache while the budget lasts,
+        else only checked in blocks. Without, only the header is read.
+        """
+        self.files, self.skipped, self._cache, lengths = [], [], {}, []
+        cache_left = int(cache_bytes)
+        for rel in candidates:
+            path = os.path.join(self.root, rel)
+            try:
+                info = probe_audio(path, check_content=False)
+                n = resampled_length(info.frames, info.sample_rate, self.sample_rate)
+                if check_files and 4 * n <= cache_left:
+                    wav = load_audio(path, self.sample_rate).numpy()
+                    if len(wav) == 0:
+                        raise AudioError(path, "empty", "0 frames decoded")
+                    n, cache_left = len(wav), cache_left - 4 * len(wav)
+                    self._cache[len(self.files)] = wav
+                elif check_files:
+                    info = probe_audio(path, check_content=True)
+                    n = resampled_length(info.frames, info.sample_rate, self.sample_rate)
+            except AudioError as e:
+                self.skipped.append((rel, e.reason, e.detail))
+                logger.debug("skipping %s: %s (%s)", path, e.reason, e.detail)
+                continue
+            self.files.append(rel)
+            lengths.append(n)
+        return lengths
 
     def label(self, index: int) -> int:
         return self.labels_of_files[int(self._item_file[index])]

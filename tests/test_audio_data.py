@@ -306,6 +306,19 @@ def test_read_failure_replaced_deterministically(tmp_path):
     assert ds.n_replaced == 2
 
 
+def test_unchecked_bad_file_is_replaced_not_fatal(tmp_path):
+    root = make_folder(str(tmp_path / "u"), n_per_class=3, seconds=0.1)
+    bad = sine(seconds=0.1)
+    bad[50] = np.inf
+    write(os.path.join(root, "up", "zz_inf.wav"), bad, subtype="FLOAT")
+    ds = AudioFolderDataset(root, "train", sample_len=SR, split_fractions=(1, 0, 0), check_files=False)
+    assert len(ds) == 7 and not ds.skipped  # the header alone looks fine
+    with pytest.warns(BadAudioWarning, match="non-finite"):
+        items = [ds[i] for i in range(len(ds))]
+    assert ds.n_replaced == 1 and ds.read_failures == {"up/zz_inf.wav": "non-finite"}
+    assert all(torch.isfinite(item["y"].float()).all() for item in items)
+
+
 def test_waveform_only_items_and_caching_paths_agree(tmp_path):
     root = make_folder(str(tmp_path / "w"), n_per_class=3, seconds=0.2)
     cached = AudioFolderDataset(root, "train", sample_len=2000, split_fractions=(1, 0, 0), waveform=True)
@@ -365,7 +378,8 @@ def test_builtin_audio_is_sane_and_structured():
     p = np.bincount(q, minlength=256) / len(q)
     unigram = -(p[p > 0] * np.log2(p[p > 0])).sum()
     joint = np.bincount(q[:-1] * 256 + q[1:], minlength=256 * 256).reshape(256, 256) / (len(q) - 1)
-    conditional = -(joint[joint > 0] * np.log2((joint / np.maximum(joint.sum(1, keepdims=True), 1e-30))[joint > 0])).sum()
+    given_previous = joint / np.maximum(joint.sum(1, keepdims=True), 1e-30)
+    conditional = -(joint[joint > 0] * np.log2(given_previous[joint > 0])).sum()
     assert unigram < 7.5 and conditional < 5.0, (unigram, conditional)
 
 
