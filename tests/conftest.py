@@ -1,0 +1,14 @@
+"""Shared pytest configuration: hypothesis profiles and thread count."""
+
+import os
+
+import torch
+from hypothesis import HealthCheck, settings
+
+# CI runs derandomized so that a run is reproducible; locally hypothesis explores new examples.
+settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("dev", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
