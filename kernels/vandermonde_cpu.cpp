@@ -1,0 +1,231 @@
+// Log-Vandermonde products on the CPU (S4D kernel, its backward, and the transposed product).
+//
+// Every l is written l = l0 + t with l0 a multiple of the block size kVandermondeTile (64) and
+// 0 <= t < 64, so exp(x l) = exp(x l0) exp(x t):
+//   * a table E[n][t] = exp(x_n t) (N x 64) is built once per slice,
+//   * a per-block seed s_n = exp(x_n l0) advances by one complex multiply s_n *= exp(64 x_n).
+// Table and seeds are formed in double and re-seeded with an exact exp() every few steps
+// (float: the table from t = 0 and the seeds every 1024 blocks, whose recurrence error ~1e-13 is
+// far below float round-off; double: every 16 steps, keeping the error within ~20 ulps). The
+// transcendental work is then O(N) per slice and the inner loops are plain multiply-adds:
+//   forward:  K[l0 + t] = sum_n Re(a_n E[n][t]) with a_n = 2 v_n s_n   (2 FMAs per (n, l))
+//   moments:  G_n[t] += s_n u[l0 + t],  H_n[t] += s_n (l0 + t) u[l0 + t]  accumulated over blocks,
+//             P0_n = sum_t E[n][t] G_n[t],  P1_n = sum_t E[n][t] H_n[t]   (4 FMAs per (n, l)).
+// Compared with evaluating exp(x l) in the working precision, this is more accurate: the phase
+// x l is formed in double (exactly, for float inputs).
+#include "s4lib_cpu.h"
+
+#include <algorithm>
+#include <complex>
+#include <vector>
+
+namespace s4lib_cpu {
+namespace {
+
+using Complex = std::complex<double>;
+
+template <typename T> struct Reseed;
+template <> struct Reseed<float> {
+  static constexpr int64_t table = kVandermondeTile;  // exact exp at t = 0 only
+  static constexpr int64_t blocks = 1024;
+};
+template <> struct Reseed<double> {
+  static constexpr int64_t table = 16;
+  static constexpr int64_t blocks = kReseedBlocks;
+};
+
+// Plain complex product: std::complex's operator* goes through __muldc3 (NaN/inf recovery, ~10x
+// slower), which the recurrences below cannot afford and do not need (non-finite seeds stay so).
+inline Complex mul(const Complex& a, const Complex& b) {
+  return Complex(a.real() * b.real() - a.imag() * b.imag(), a.real() * b.imag() + a.imag() * b.real());
+}
+
+template <typename T>
+Complex load(const T* a, int64_t n) {
+  return Complex(double(a[2 * n]), double(a[2 * n + 1]));
+}
+
+// E[n][t] = exp(x_n t) for t < Tile, split re/im, row-major (N, Tile).
+template <typename T>
+void build_table(const T* x, int64_t N, std::vector<T>& E_re, std::vector<T>& E_im) {
+  constexpr int64_t Tile = kVandermondeTile;
+  E_re.resize(N * Tile);
+  E_im.resize(N * Tile);
+  for (int64_t n = 0; n < N; ++n) {
+    const Complex xn = load(x, n), step = std::exp(xn);
+    Complex cur = 1;
+    for (int64_t t = 0; t < Tile; ++t) {
+      if (t % Reseed<T>::table == 0) cur = std::exp(Complex(xn.real() * t, xn.imag() * t));
+      E_re[n * Tile + t] = T(cur.real());
+      E_im[n * Tile + t] = T(cur.imag());
+      cur = mul(cur, step);
+    }
+  }
+}
+
+// The seeds s_n = exp(x_n l0) of consecutive blocks, split re/im so the update vectorises over n.
+struct Seeds {
+  int64_t N, reseed_every;
+  std::vector<double> x_re, x_im, re, im, step_re, step_im;
+  template <typename T>
+  Seeds(const T* x, int64_t n_poles, int64_t reseed)
+      : N(n_poles), reseed_every(reseed), x_re(N), x_im(N), re(N), im(N), step_re(N), step_im(N) {
+    for (int64_t n = 0; n < N; ++n) {
+      x_re[n] = x[2 * n];
+      x_im[n] = x[2 * n + 1];
+      const Complex step = std::exp(Complex(x_re[n] * kVandermondeTile, x_im[n] * kVandermondeTile));
+      step_re[n] = step.real();
+      step_im[n] = step.imag();
+    }
+  }
+  // Call once per block, in order, with the block's start l0 and its index since the slice start.
+  void at(int64_t l0, int64_t block) {
+    if (block % reseed_every == 0) {
+      for (int64_t n = 0; n < N; ++n) {
+        const Complex s = std::exp(Complex(x_re[n] * double(l0), x_im[n] * double(l0)));
+        re[n] = s.real();
+        im[n] = s.imag();
+      }
+      return;
+    }
+#pragma omp simd
+    for (int64_t n = 0; n < N; ++n) {
+      const double r = re[n] * step_re[n] - im[n] * step_im[n];
+      im[n] = re[n] * step_im[n] + im[n] * step_re[n];
+      re[n] = r;
+    }
+  }
+};
+
+}  // namespace
+
+template <typename T>
+void log_vandermonde_slice(const T* v, const T* x, int64_t N, int64_t L, T* K, int64_t b, int64_t l0,
+                           int64_t l1) {
+  constexpr int64_t Tile = kVandermondeTile;
+  const T* vb = v + 2 * b * N;
+  const T* xb = x + 2 * b * N;
+  T* out = K + b * L;
+  std::vector<T> E_re, E_im;
+  build_table(xb, N, E_re, E_im);
+  std::vector<double> v_re(N), v_im(N);  // 2 v, so that a = 2 v s
+  for (int64_t n = 0; n < N; ++n) {
+    v_re[n] = 2.0 * vb[2 * n];
+    v_im[n] = 2.0 * vb[2 * n + 1];
+  }
+  Seeds seeds(xb, N, Reseed<T>::blocks);
+  std::vector<T> a_re(N), a_im(N);
+  alignas(64) T acc[Tile];
+  int64_t block = 0;
+  for (int64_t lb = l0; lb < l1; lb += Tile, ++block) {
+    seeds.at(lb, block);
+#pragma omp simd
+    for (int64_t n = 0; n < N; ++n) {
+      a_re[n] = T(v_re[n] * seeds.re[n] - v_im[n] * seeds.im[n]);
+      a_im[n] = T(v_re[n] * seeds.im[n] + v_im[n] * seeds.re[n]);
+    }
+    for (int64_t t = 0; t < Tile; ++t) acc[t] = 0;
+    for (int64_t n = 0; n < N; ++n) {
+      const T ar = a_re[n], ai = a_im[n];
+      const T* er = E_re.data() + n * Tile;
+      const T* ei = E_im.data() + n * Tile;
+#pragma omp simd aligned(acc : 64)
+      for (int64_t t = 0; t < Tile; ++t) acc[t] += ar * er[t] - ai * ei[t];
+    }
+    const int64_t count = std::min(Tile, l1 - lb);
+    std::copy(acc, acc + count, out + lb);
+  }
+}
+
+namespace {
+
+template <typename T, bool FirstMoment>
+void moments_impl(const T* u, const T* x, int64_t N, int64_t L, double* moments, int64_t b, int64_t l0,
+                  int64_t l1) {
+  constexpr int64_t Tile = kVandermondeTile;
+  const T* ub = u + b * L;
+  const T* xb = x + 2 * b * N;
+  std::vector<T> E_re, E_im;
+  build_table(xb, N, E_re, E_im);
+  Seeds seeds(xb, N, Reseed<T>::blocks);
+  std::vector<T> s_re(N), s_im(N);
+  // G_n[t] = sum_blocks s_n u[l0+t];  H_n[t] = sum_blocks s_n (l0+t) u[l0+t]
+  std::vector<T> G_re(N * Tile, 0), G_im(N * Tile, 0), H_re(FirstMoment ? N * Tile : 0, 0),
+      H_im(FirstMoment ? N * Tile : 0, 0);
+  alignas(64) T uu[Tile], lu[Tile];
+  int64_t block = 0;
+  for (int64_t lb = l0; lb < l1; lb += Tile, ++block) {
+    seeds.at(lb, block);
+    const int64_t count = std::min(Tile, l1 - lb);
+    for (int64_t t = 0; t < Tile; ++t) {
+      uu[t] = t < count ? ub[lb + t] : T(0);
+      lu[t] = T(double(lb + t) * double(uu[t]));
+    }
+#pragma omp simd
+    for (int64_t n = 0; n < N; ++n) {
+      s_re[n] = T(seeds.re[n]);
+      s_im[n] = T(seeds.im[n]);
+    }
+    for (int64_t n = 0; n < N; ++n) {
+      const T sr = s_re[n], si = s_im[n];
+      T* gr = G_re.data() + n * Tile;
+      T* gi = G_im.data() + n * Tile;
+#pragma omp simd
+      for (int64_t t = 0; t < Tile; ++t) {
+        gr[t] += sr * uu[t];
+        gi[t] += si * uu[t];
+      }
+      if (FirstMoment) {
+        T* hr = H_re.data() + n * Tile;
+        T* hi = H_im.data() + n * Tile;
+#pragma omp simd
+        for (int64_t t = 0; t < Tile; ++t) {
+          hr[t] += sr * lu[t];
+          hi[t] += si * lu[t];
+        }
+      }
+    }
+  }
+  for (int64_t n = 0; n < N; ++n) {
+    double p0_re = 0, p0_im = 0, p1_re = 0, p1_im = 0;
+    for (int64_t t = 0; t < Tile; ++t) {
+      const double er = E_re[n * Tile + t], ei = E_im[n * Tile + t];
+      const double g_re = G_re[n * Tile + t], g_im = G_im[n * Tile + t];
+      p0_re += er * g_re - ei * g_im;
+      p0_im += er * g_im + ei * g_re;
+      if (FirstMoment) {
+        const double h_re = H_re[n * Tile + t], h_im = H_im[n * Tile + t];
+        p1_re += er * h_re - ei * h_im;
+        p1_im += er * h_im + ei * h_re;
+      }
+    }
+    moments[4 * n + 0] += p0_re;
+    moments[4 * n + 1] += p0_im;
+    if (FirstMoment) {
+      moments[4 * n + 2] += p1_re;
+      moments[4 * n + 3] += p1_im;
+    }
+  }
+}
+
+}  // namespace
+
+template <typename T>
+void vandermonde_moments_slice(const T* u, const T* x, int64_t N, int64_t L, bool first_moment, double* moments,
+                               int64_t b, int64_t l0, int64_t l1) {
+  if (first_moment)
+    moments_impl<T, true>(u, x, N, L, moments, b, l0, l1);
+  else
+    moments_impl<T, false>(u, x, N, L, moments, b, l0, l1);
+}
+
+template void log_vandermonde_slice<float>(const float*, const float*, int64_t, int64_t, float*, int64_t, int64_t,
+                                           int64_t);
+template void log_vandermonde_slice<double>(const double*, const double*, int64_t, int64_t, double*, int64_t,
+                                            int64_t, int64_t);
+template void vandermonde_moments_slice<float>(const float*, const float*, int64_t, int64_t, bool, double*,
+                                               int64_t, int64_t, int64_t);
+template void vandermonde_moments_slice<double>(const double*, const double*, int64_t, int64_t, bool, double*,
+                                                int64_t, int64_t, int64_t);
+
+}  // namespace s4lib_cpu
