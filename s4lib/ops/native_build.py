@@ -144,6 +144,10 @@ def load(verbose: bool = False) -> None:
         _state.update(loaded=True, path=str(directory), seconds=time.perf_counter() - start)
 
 
+def is_loaded() -> bool:
+    return _state["loaded"]
+
+
 def native_status() -> tuple[bool, str]:
     """(usable, reason) for the CPU kernels without building them."""
     if _state["loaded"]:

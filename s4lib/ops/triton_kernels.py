@@ -1,0 +1,300 @@
+"""Triton kernels for the kernel ops on CUDA (complex split into re/im); the 'native' backend on GPUs.
+
+Same math as the C++ CPU kernels (kernels/*.cpp) and the oracles in reference.py:
+    cauchy               r[b,k] = sum_n v/(z_k - w) + conj(v)/(z_k - conj(w))
+    cauchy_backward      grad_v = sum_k g conj(p1) + conj(g) p2,  grad_w = conj(v) sum_k g conj(p1)^2 + conj(g) p2^2,
+                         grad_z = -sum_b g conj(sum_n v p1^2 + conj(v) p2^2),  p1 = 1/(z-w), p2 = 1/(z-conj w)
+    log_vandermonde      K[b,l] = 2 Re sum_n v exp(x l)
+    vandermonde_moments  P0[b,n] = sum_l u exp(x l),  P1[b,n] = sum_l l u exp(x l)
+
+Each program owns a tile of outputs and loops over the reduced axis in chunks, so nothing of size
+(B, N, L) is materialised. Reciprocals are taken after scaling by s = |Re e| + |Im e| (two
+divisions instead of one) so that |e|^2 can neither overflow nor underflow. Phases x*l are formed
+exactly with an FMA (x*l = p + err), and cos/sin(p + err) is corrected to first order in err.
+
+Triton has no complex dtype and reads interleaved complex memory through torch.view_as_real. The
+kernels run unchanged on CPU tensors under TRITON_INTERPRET=1 (set before triton is imported),
+which is how the tests check them. Row offsets are int64; a single axis (L or N) must stay below 2**31.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+INDEX_LIMIT = 2**31 - 1
+
+
+@triton.jit
+def _scaled_reciprocal(e_re, e_im):
+    """1/e, safe against overflow/underflow of |e|^2."""
+    s = tl.abs(e_re) + tl.abs(e_im)
+    r = 1.0 / s
+    a = e_re * r
+    b = e_im * r
+    q = r / (a * a + b * b)
+    return a * q, -b * q
+
+
+@triton.jit
+def _exp_lx(x_re, x_im, l):
+    """exp(x * l) with the products x*l split exactly as p + err by an FMA."""
+    p_re = x_re * l
+    err_re = tl.fma(x_re, l, -p_re)
+    p_im = x_im * l
+    err_im = tl.fma(x_im, l, -p_im)
+    mag = tl.exp(p_re) * (1.0 + err_re)
+    c = tl.cos(p_im)
+    s = tl.sin(p_im)
+    return mag * (c - s * err_im), mag * (s + c * err_im)
+
+
+@triton.jit
+def _cauchy_forward_kernel(v_ptr, w_ptr, z_ptr, out_ptr, N, L, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < L
+    z_re = tl.load(z_ptr + 2 * offs_k, mask=mask_k, other=1.0)
+    z_im = tl.load(z_ptr + 2 * offs_k + 1, mask=mask_k, other=0.0)
+    acc_re = tl.zeros([BLOCK_K], dtype=z_re.dtype)
+    acc_im = tl.zeros([BLOCK_K], dtype=z_re.dtype)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        base = 2 * (b * N + offs_n)
+        v_re = tl.load(v_ptr + base, mask=mask_n, other=0.0)[:, None]
+        v_im = tl.load(v_ptr + base + 1, mask=mask_n, other=0.0)[:, None]
+        w_re = tl.load(w_ptr + base, mask=mask_n, other=0.0)[:, None]
+        w_im = tl.load(w_ptr + base + 1, mask=mask_n, other=0.0)[:, None]
+        d = z_re[None, :] - w_re
+        p1_re, p1_im = _scaled_reciprocal(d, z_im[None, :] - w_im)  # 1/(z - w)
+        p2_re, p2_im = _scaled_reciprocal(d, z_im[None, :] + w_im)  # 1/(z - conj w)
+        # v p1 + conj(v) p2
+        t_re = (v_re * p1_re - v_im * p1_im) + (v_re * p2_re + v_im * p2_im)
+        t_im = (v_re * p1_im + v_im * p1_re) + (v_re * p2_im - v_im * p2_re)
+        keep = mask_n[:, None] & mask_k[None, :]
+        acc_re += tl.sum(tl.where(keep, t_re, 0.0), axis=0)
+        acc_im += tl.sum(tl.where(keep, t_im, 0.0), axis=0)
+    out = 2 * (b * L + offs_k)
+    tl.store(out_ptr + out, acc_re, mask=mask_k)
+    tl.store(out_ptr + out + 1, acc_im, mask=mask_k)
+
+
+@triton.jit
+def _cauchy_backward_vw_kernel(g_ptr, v_ptr, w_ptr, z_ptr, gv_ptr, gw_ptr, N, L,
+                               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    base = 2 * (b * N + offs_n)
+    v_re = tl.load(v_ptr + base, mask=mask_n, other=0.0)
+    v_im = tl.load(v_ptr + base + 1, mask=mask_n, other=0.0)
+    w_re = tl.load(w_ptr + base, mask=mask_n, other=0.0)
+    w_im = tl.load(w_ptr + base + 1, mask=mask_n, other=0.0)
+    sv_re = tl.zeros([BLOCK_N], dtype=v_re.dtype)
+    sv_im = tl.zeros([BLOCK_N], dtype=v_re.dtype)
+    sw_re = tl.zeros([BLOCK_N], dtype=v_re.dtype)
+    sw_im = tl.zeros([BLOCK_N], dtype=v_re.dtype)
+    for k0 in range(0, L, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < L
+        z_re = tl.load(z_ptr + 2 * offs_k, mask=mask_k, other=1.0)[None, :]
+        z_im = tl.load(z_ptr + 2 * offs_k + 1, mask=mask_k, other=0.0)[None, :]
+        g_re = tl.load(g_ptr + 2 * (b * L + offs_k), mask=mask_k, other=0.0)[None, :]
+        g_im = tl.load(g_ptr + 2 * (b * L + offs_k) + 1, mask=mask_k, other=0.0)[None, :]
+        d = z_re - w_re[:, None]
+        p1_re, p1_im = _scaled_reciprocal(d, z_im - w_im[:, None])
+        p2_re, p2_im = _scaled_reciprocal(d, z_im + w_im[:, None])
+        A_re = g_re * p1_re + g_im * p1_im  # g conj(p1)
+        A_im = g_im * p1_re - g_re * p1_im
+        B_re = g_re * p2_re + g_im * p2_im  # conj(g) p2
+        B_im = g_re * p2_im - g_im * p2_re
+        keep = mask_n[:, None] & mask_k
+        sv_re += tl.sum(tl.where(keep, A_re + B_re, 0.0), axis=1)
+        sv_im += tl.sum(tl.where(keep, A_im + B_im, 0.0), axis=1)
+        # A conj(p1) + B p2
+        sw_re += tl.sum(tl.where(keep, (A_re * p1_re + A_im * p1_im) + (B_re * p2_re - B_im * p2_im), 0.0), axis=1)
+        sw_im += tl.sum(tl.where(keep, (A_im * p1_re - A_re * p1_im) + (B_re * p2_im + B_im * p2_re), 0.0), axis=1)
+    tl.store(gv_ptr + base, sv_re, mask=mask_n)
+    tl.store(gv_ptr + base + 1, sv_im, mask=mask_n)
+    tl.store(gw_ptr + base, v_re * sw_re + v_im * sw_im, mask=mask_n)  # conj(v) SW
+    tl.store(gw_ptr + base + 1, v_re * sw_im - v_im * sw_re, mask=mask_n)
+
+
+@triton.jit
+def _cauchy_backward_z_kernel(g_ptr, v_ptr, w_ptr, z_ptr, gz_ptr, B, N, L,
+                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < L
+    z_re = tl.load(z_ptr + 2 * offs_k, mask=mask_k, other=1.0)
+    z_im = tl.load(z_ptr + 2 * offs_k + 1, mask=mask_k, other=0.0)
+    gz_re = tl.zeros([BLOCK_K], dtype=z_re.dtype)
+    gz_im = tl.zeros([BLOCK_K], dtype=z_re.dtype)
+    for b_idx in range(0, B):
+        b = b_idx + tl.zeros([1], dtype=tl.int64)  # int64 row offsets (b_idx is int32, or a Python int when interpreted)
+        t_re = tl.zeros([BLOCK_K], dtype=z_re.dtype)
+        t_im = tl.zeros([BLOCK_K], dtype=z_re.dtype)
+        for n0 in range(0, N, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < N
+            base = 2 * (b * N + offs_n)
+            v_re = tl.load(v_ptr + base, mask=mask_n, other=0.0)[:, None]
+            v_im = tl.load(v_ptr + base + 1, mask=mask_n, other=0.0)[:, None]
+            w_re = tl.load(w_ptr + base, mask=mask_n, other=0.0)[:, None]
+            w_im = tl.load(w_ptr + base + 1, mask=mask_n, other=0.0)[:, None]
+            d = z_re[None, :] - w_re
+            p1_re, p1_im = _scaled_reciprocal(d, z_im[None, :] - w_im)
+            p2_re, p2_im = _scaled_reciprocal(d, z_im[None, :] + w_im)
+            q1_re = p1_re * p1_re - p1_im * p1_im
+            q1_im = 2 * p1_re * p1_im
+            q2_re = p2_re * p2_re - p2_im * p2_im
+            q2_im = 2 * p2_re * p2_im
+            s_re = (v_re * q1_re - v_im * q1_im) + (v_re * q2_re + v_im * q2_im)  # v p1^2 + conj(v) p2^2
+            s_im = (v_re * q1_im + v_im * q1_re) + (v_re * q2_im - v_im * q2_re)
+            keep = mask_n[:, None] & mask_k[None, :]
+            t_re += tl.sum(tl.where(keep, s_re, 0.0), axis=0)
+            t_im += tl.sum(tl.where(keep, s_im, 0.0), axis=0)
+        g_re = tl.load(g_ptr + 2 * (b * L + offs_k), mask=mask_k, other=0.0)
+        g_im = tl.load(g_ptr + 2 * (b * L + offs_k) + 1, mask=mask_k, other=0.0)
+        gz_re -= g_re * t_re + g_im * t_im  # -g conj(T)
+        gz_im -= g_im * t_re - g_re * t_im
+    tl.store(gz_ptr + 2 * offs_k, gz_re, mask=mask_k)
+    tl.store(gz_ptr + 2 * offs_k + 1, gz_im, mask=mask_k)
+
+
+@triton.jit
+def _log_vandermonde_kernel(v_ptr, x_ptr, out_ptr, N, L, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    offs_l = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
+    mask_l = offs_l < L
+    acc = tl.zeros([BLOCK_L], dtype=tl.load(x_ptr).dtype)
+    l = offs_l.to(acc.dtype)[None, :]
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        base = 2 * (b * N + offs_n)
+        v_re = tl.load(v_ptr + base, mask=mask_n, other=0.0)[:, None]
+        v_im = tl.load(v_ptr + base + 1, mask=mask_n, other=0.0)[:, None]
+        x_re = tl.load(x_ptr + base, mask=mask_n, other=0.0)[:, None]
+        x_im = tl.load(x_ptr + base + 1, mask=mask_n, other=0.0)[:, None]
+        e_re, e_im = _exp_lx(x_re, x_im, l)
+        term = 2 * (v_re * e_re - v_im * e_im)
+        acc += tl.sum(tl.where(mask_n[:, None] & mask_l[None, :], term, 0.0), axis=0)
+    tl.store(out_ptr + b * L + offs_l, acc, mask=mask_l)
+
+
+@triton.jit
+def _vandermonde_moments_kernel(u_ptr, x_ptr, p0_ptr, p1_ptr, N, L, FIRST_MOMENT: tl.constexpr,
+                                BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    base = 2 * (b * N + offs_n)
+    x_re = tl.load(x_ptr + base, mask=mask_n, other=0.0)
+    x_im = tl.load(x_ptr + base + 1, mask=mask_n, other=0.0)
+    p0_re = tl.zeros([BLOCK_N], dtype=x_re.dtype)
+    p0_im = tl.zeros([BLOCK_N], dtype=x_re.dtype)
+    p1_re = tl.zeros([BLOCK_N], dtype=x_re.dtype)
+    p1_im = tl.zeros([BLOCK_N], dtype=x_re.dtype)
+    for l0 in range(0, L, BLOCK_L):
+        offs_l = l0 + tl.arange(0, BLOCK_L)
+        mask_l = offs_l < L
+        u = tl.load(u_ptr + b * L + offs_l, mask=mask_l, other=0.0)[None, :]
+        l = offs_l.to(x_re.dtype)[None, :]
+        e_re, e_im = _exp_lx(x_re[:, None], x_im[:, None], l)
+        keep = mask_n[:, None] & mask_l[None, :]
+        ue_re = tl.where(keep, u * e_re, 0.0)
+        ue_im = tl.where(keep, u * e_im, 0.0)
+        p0_re += tl.sum(ue_re, axis=1)
+        p0_im += tl.sum(ue_im, axis=1)
+        if FIRST_MOMENT:
+            p1_re += tl.sum(l * ue_re, axis=1)
+            p1_im += tl.sum(l * ue_im, axis=1)
+    tl.store(p0_ptr + base, p0_re, mask=mask_n)
+    tl.store(p0_ptr + base + 1, p0_im, mask=mask_n)
+    if FIRST_MOMENT:
+        tl.store(p1_ptr + base, p1_re, mask=mask_n)
+        tl.store(p1_ptr + base + 1, p1_im, mask=mask_n)
+
+
+# --- launchers (canonical inputs: 2-D, complex64/complex128, same device) -----------------------
+
+
+def _real_view(t: torch.Tensor) -> torch.Tensor:
+    return torch.view_as_real(t.resolve_conj().resolve_neg().contiguous())
+
+
+def _check_index_range(*sizes: int) -> None:
+    if max(sizes) > INDEX_LIMIT // 2:
+        raise ValueError(f"s4lib Triton kernels index one axis with int32: sizes {sizes} exceed {INDEX_LIMIT // 2}")
+
+
+def _block(n: int, cap: int) -> int:
+    return max(16, min(cap, triton.next_power_of_2(max(n, 1))))
+
+
+def cauchy(v: torch.Tensor, z: torch.Tensor, w: torch.Tensor, block_n: int = 32, block_k: int = 128) -> torch.Tensor:
+    B, N = v.shape
+    L = z.shape[0]
+    _check_index_range(L, N)
+    out = torch.empty(B, L, dtype=v.dtype, device=v.device)
+    if B == 0 or L == 0:
+        return out
+    grid = (B, triton.cdiv(L, block_k))
+    _cauchy_forward_kernel[grid](_real_view(v), _real_view(w), _real_view(z), torch.view_as_real(out), N, L,
+                                 BLOCK_N=_block(N, block_n), BLOCK_K=block_k)
+    return out
+
+
+def cauchy_backward(grad, v, z, w, need_vw: bool, need_z: bool, block_n: int = 32, block_k: int = 128):
+    B, N = v.shape
+    L = z.shape[0]
+    _check_index_range(L, N)
+    g = _real_view(grad.to(v.dtype))
+    vr, wr, zr = _real_view(v), _real_view(w), _real_view(z)
+    empty = v.new_empty(0)
+    grad_v = grad_w = grad_z = empty
+    if need_vw:
+        grad_v = torch.zeros_like(v)
+        grad_w = torch.zeros_like(v)
+        if B and N and L:
+            grid = (B, triton.cdiv(N, _block(N, block_n)))
+            _cauchy_backward_vw_kernel[grid](g, vr, wr, zr, torch.view_as_real(grad_v), torch.view_as_real(grad_w),
+                                             N, L, BLOCK_N=_block(N, block_n), BLOCK_K=block_k)
+    if need_z:
+        grad_z = torch.zeros(L, dtype=v.dtype, device=v.device)
+        if B and N and L:
+            grid = (triton.cdiv(L, block_k),)
+            _cauchy_backward_z_kernel[grid](g, vr, wr, zr, torch.view_as_real(grad_z), B, N, L,
+                                            BLOCK_N=_block(N, block_n), BLOCK_K=block_k)
+    return grad_v, grad_w, grad_z
+
+
+def log_vandermonde(v: torch.Tensor, x: torch.Tensor, L: int, block_n: int = 32, block_l: int = 128) -> torch.Tensor:
+    B, N = v.shape
+    _check_index_range(L, N)
+    out = torch.zeros(B, L, dtype=v.real.dtype, device=v.device)
+    if B == 0 or L == 0 or N == 0:
+        return out
+    grid = (B, triton.cdiv(L, block_l))
+    _log_vandermonde_kernel[grid](_real_view(v), _real_view(x), out, N, L, BLOCK_N=_block(N, block_n),
+                                  BLOCK_L=block_l)
+    return out
+
+
+def vandermonde_moments(u: torch.Tensor, x: torch.Tensor, first_moment: bool, block_n: int = 32,
+                        block_l: int = 128):
+    B, N = x.shape
+    L = u.shape[-1]
+    _check_index_range(L, N)
+    u = u.to(x.real.dtype).contiguous()
+    P0 = torch.zeros(B, N, dtype=x.dtype, device=x.device)
+    P1 = torch.zeros(B, N, dtype=x.dtype, device=x.device) if first_moment else x.new_empty(0)
+    if B == 0 or L == 0 or N == 0:
+        return P0, P1
+    grid = (B, triton.cdiv(N, _block(N, block_n)))
+    p1_view = torch.view_as_real(P1) if first_moment else torch.view_as_real(P0)
+    _vandermonde_moments_kernel[grid](u, _real_view(x), torch.view_as_real(P0), p1_view, N, L,
+                                      FIRST_MOMENT=first_moment, BLOCK_N=_block(N, block_n), BLOCK_L=block_l)
+    return P0, P1
