@@ -225,62 +225,72 @@ def _positions(L: int, like: torch.Tensor) -> torch.Tensor:
     return torch.arange(L, device=like.device, dtype=like.real.dtype)
 
 
-class _VandermondeEval(torch.autograd.Function):
-    """y[b, m, l] = sum_n a[b, m, n] exp(x[b, n] l), or its real part. a: (B, M, N), x: (B, N)."""
+def vandermonde_functions(eval_impl, sum_impl):
+    """The autograd Functions (Eval, Sum) of the two Vandermonde primitives, given their forward
+    implementations (shared with the keops backend):
 
-    @staticmethod
-    def forward(ctx, a, x, L, real_part):
-        ctx.save_for_backward(a, x)
-        ctx.L = L
-        return _eval_impl(a, x, L, real_part)
+        eval_impl(a, x, L, real_part): y[b, m, l] = sum_n a[b, m, n] exp(x[b, n] l)  (or Re y)
+        sum_impl(u, x):                S[b, m, n] = sum_l u[b, m, l] exp(x[b, n] l)   (u real or complex)
 
-    @staticmethod
-    def backward(ctx, g):
-        # dy_l/da_n = E[n, l], dy_l/dx_n = a_n l E[n, l]; both holomorphic, so
-        # grad_a = conj(sum_l conj(g_l) E), grad_x = sum_m conj(a_m sum_l l conj(g_l) E).
-        a, x = ctx.saved_tensors
-        need_a, need_x = ctx.needs_input_grad[:2]
-        grad_a = grad_x = None
-        gbar = g.conj() if g.is_complex() else g
-        M = a.shape[1]
-        if need_a and need_x:
-            s = _VandermondeSum.apply(torch.cat([gbar, gbar * _positions(ctx.L, g)], dim=1), x)
-            s_a, s_x = s[:, :M], s[:, M:]
-        elif need_a:
-            s_a, s_x = _VandermondeSum.apply(gbar, x), None
-        elif need_x:
-            s_a, s_x = None, _VandermondeSum.apply(gbar * _positions(ctx.L, g), x)
-        if need_a:
-            grad_a = s_a.conj()
-        if need_x:
-            grad_x = (a * s_x).sum(1).conj()
-        return grad_a, grad_x, None, None
+    Each backward pass is the other primitive, so derivatives of any order work.
+    """
+
+    class Eval(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a, x, L, real_part):
+            ctx.save_for_backward(a, x)
+            ctx.L = L
+            return eval_impl(a, x, L, real_part)
+
+        @staticmethod
+        def backward(ctx, g):
+            # dy_l/da_n = E[n, l] and dy_l/dx_n = a_n l E[n, l] are holomorphic, so
+            # grad_a = conj(sum_l conj(g_l) E), grad_x = sum_m conj(a_m sum_l l conj(g_l) E).
+            a, x = ctx.saved_tensors
+            need_a, need_x = ctx.needs_input_grad[:2]
+            grad_a = grad_x = None
+            gbar = g.conj() if g.is_complex() else g
+            M = a.shape[1]
+            if need_a and need_x:  # one pass over the tables for both
+                s = Sum.apply(torch.cat([gbar, gbar * _positions(ctx.L, g)], dim=1), x)
+                s_a, s_x = s[:, :M], s[:, M:]
+            elif need_a:
+                s_a = Sum.apply(gbar, x)
+            elif need_x:
+                s_x = Sum.apply(gbar * _positions(ctx.L, g), x)
+            if need_a:
+                grad_a = s_a.conj()
+            if need_x:
+                grad_x = (a * s_x).sum(1).conj()
+            return grad_a, grad_x, None, None
+
+    class Sum(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, u, x):
+            ctx.save_for_backward(u, x)
+            return sum_impl(u, x)
+
+        @staticmethod
+        def backward(ctx, g):
+            # dS_n/du_l = E[n, l] and dS_n/dx_n = sum_l l u_l E[n, l]: grad_u = conj(sum_n conj(g_n) E)
+            # (its real part for real u), grad_x = g conj(sum_l l u_l E).
+            u, x = ctx.saved_tensors
+            need_u, need_x = ctx.needs_input_grad
+            grad_u = grad_x = None
+            L = u.shape[-1]
+            if need_u:
+                if u.is_complex():
+                    grad_u = Eval.apply(g.conj(), x, L, False).conj()
+                else:
+                    grad_u = Eval.apply(g.conj(), x, L, True)
+            if need_x:
+                grad_x = (g * Sum.apply(u * _positions(L, u), x).conj()).sum(1)
+            return grad_u, grad_x
+
+    return Eval, Sum
 
 
-class _VandermondeSum(torch.autograd.Function):
-    """S[b, m, n] = sum_l u[b, m, l] exp(x[b, n] l). u: (B, M, L) real or complex, x: (B, N)."""
-
-    @staticmethod
-    def forward(ctx, u, x):
-        ctx.save_for_backward(u, x)
-        return _sum_impl(u, x)
-
-    @staticmethod
-    def backward(ctx, g):
-        # dS_n/du_l = E[n, l], dS_n/dx_n = sum_l l u_l E[n, l]:
-        # grad_u = conj(sum_n conj(g_n) E) (its real part for real u), grad_x = g conj(sum_l l u_l E).
-        u, x = ctx.saved_tensors
-        need_u, need_x = ctx.needs_input_grad
-        grad_u = grad_x = None
-        L = u.shape[-1]
-        if need_u:
-            if u.is_complex():
-                grad_u = _VandermondeEval.apply(g.conj(), x, L, False).conj()
-            else:
-                grad_u = _VandermondeEval.apply(g.conj(), x, L, True)
-        if need_x:
-            grad_x = (g * _VandermondeSum.apply(u * _positions(L, u), x).conj()).sum(1)
-        return grad_u, grad_x
+_VandermondeEval, _VandermondeSum = vandermonde_functions(_eval_impl, _sum_impl)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,203 @@
+"""The 'keops' backend: the kernel ops as PyKeOps reductions (KeOps compiles them; CPU or CUDA).
+
+KeOps never materialises the (B, N, L) tensor: each op is a sum over one index of a formula
+evaluated pairwise. Complex numbers travel as real (re, im) pairs (`torch.view_as_real`) and
+the formulas use KeOps's complex helpers on those pairs. Four generic reductions serve every
+op and every gradient; the backward passes are written out here with the same reductions
+(as in the 'chunked' backend), so KeOps's symbolic differentiation is never used:
+
+    cauchy1:  out[b, i] = sum_j c[b, j] / (p[b, i] - q[b, j])
+    cauchy2:  out[b, i] = sum_j c[b, j] / (p[b, i] - q[b, j])**2
+    vand_eval: out[b, i] = sum_j a[b, j] exp(x[b, j] t[i])      (t = l, the position)
+    vand_sum:  out[b, i] = sum_j u[b, j] exp(x[b, i] t[j])
+
+Kernels compile on first use (one per formula and dtype, a few seconds each, cached on disk by
+PyKeOps) on the KeOps 'CPU' backend for CPU tensors and 'GPU' for CUDA tensors. A failed
+import or compile is reported by `status()` and raised, so dispatch falls back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import tempfile
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from .chunked import _positions, vandermonde_functions
+
+# (formula, aliases): the variable roles are fixed here; batches are KeOps batch dimensions.
+_FORMULAS = {
+    "cauchy1": ("ComplexDivide(C, P - Q)", ("P = Vi(2)", "Q = Vj(2)", "C = Vj(2)")),
+    "cauchy2": ("ComplexDivide(C, ComplexMult(P - Q, P - Q))", ("P = Vi(2)", "Q = Vj(2)", "C = Vj(2)")),
+    "vand_eval": ("ComplexMult(A, ComplexExp(ComplexRealScal(T, X)))", ("T = Vi(1)", "X = Vj(2)", "A = Vj(2)")),
+    "vand_sum": ("ComplexMult(U, ComplexExp(ComplexRealScal(T, X)))", ("X = Vi(2)", "T = Vj(1)", "U = Vj(2)")),
+}
+
+_state = {"module": None, "import_error": None, "compile_error": None}
+_reductions: dict = {}
+
+
+def _pykeops():
+    """Import pykeops once (quietly: it prints a CUDA notice on CPU-only machines)."""
+    if _state["module"] is None and _state["import_error"] is None:
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                import pykeops
+                import pykeops.torch  # noqa: F401  (Genred)
+            pykeops.set_verbose(False)
+            build = pykeops.get_build_folder()
+            if not _writable(build):
+                pykeops.set_build_folder(os.path.join(tempfile.gettempdir(), f"s4lib-keops-{os.getuid()}"))
+            _state["module"] = pykeops
+        except Exception as e:  # ImportError, or a broken installation
+            _state["import_error"] = f"pykeops unavailable: {type(e).__name__}: {e}"
+    return _state["module"]
+
+
+def _writable(folder: str) -> bool:
+    while folder and not os.path.exists(folder):
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            break
+        folder = parent
+    return os.access(folder, os.W_OK)
+
+
+def _reduce(name: str, *args: torch.Tensor) -> torch.Tensor:
+    """Run reduction `name` over j on real tensors (B, I or J, dim); returns (B, I, 2)."""
+    pykeops = _pykeops()
+    key = (name, args[0].dtype)
+    if key not in _reductions:
+        formula, aliases = _FORMULAS[name]
+        # Kahan summation: sums over L run to thousands of terms; it costs nothing measurable here.
+        _reductions[key] = pykeops.torch.Genred(formula, list(aliases), reduction_op="Sum", axis=1,
+                                                sum_scheme="kahan_scheme")
+    backend = "CPU" if args[0].device.type == "cpu" else "GPU"
+    device_id = -1 if args[0].device.index is None else args[0].device.index
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            return _reductions[key](*[a.contiguous() for a in args], backend=backend, device_id=device_id)
+    except Exception as e:
+        _state["compile_error"] = f"KeOps reduction {name} ({args[0].dtype}, {backend}) failed: {type(e).__name__}: {e}"
+        raise
+
+
+def _pairs(t: torch.Tensor) -> torch.Tensor:
+    """Complex (..., n) -> real (..., n, 2)."""
+    return torch.view_as_real(t.resolve_conj().contiguous())
+
+
+def _cauchy_sum(name: str, p: torch.Tensor, q: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """sum_j c_j / (p_i - q_j) (cauchy1) or / (p_i - q_j)**2 (cauchy2); p (B, I), q, c (B, J) complex."""
+    return torch.view_as_complex(_reduce(name, _pairs(p), _pairs(q), _pairs(c)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Cauchy
+# ----------------------------------------------------------------------------------------------
+
+def _stacked_conj(a: torch.Tensor) -> torch.Tensor:
+    return torch.cat([a, a.conj_physical()], dim=-1)
+
+
+class _Cauchy(torch.autograd.Function):
+    """r = sum_n v/(z - w) + conj(v)/(z - conj(w)), as one sum over the 2N poles [w, conj(w)]."""
+
+    @staticmethod
+    def forward(ctx, v, z, w):
+        ctx.save_for_backward(v, z, w)
+        zb = z.expand(v.shape[0], -1)
+        return _cauchy_sum("cauchy1", zb, _stacked_conj(w), _stacked_conj(v))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        # Same equations as the chunked backend, with W = [w, conj(w)], V = [v, conj(v)]:
+        # sum_k conj(g_k)/(z_k - W_n) = -sum_k conj(g_k)/(W_n - z_k), and 1/(z - W)^2 = 1/(W - z)^2.
+        v, z, w = ctx.saved_tensors
+        need_v, need_z, need_w = ctx.needs_input_grad
+        N = v.shape[-1]
+        W, V = _stacked_conj(w), _stacked_conj(v)
+        zb = z.expand(v.shape[0], -1)
+        gbar = g.conj_physical()
+        grad_v = grad_z = grad_w = None
+        if need_v:
+            s = -_cauchy_sum("cauchy1", W, zb, gbar)
+            grad_v = s[:, :N].conj() + s[:, N:]
+        if need_w:
+            q = _cauchy_sum("cauchy2", W, zb, gbar)
+            grad_w = v.conj() * (q[:, :N].conj() + q[:, N:])
+        if need_z:
+            t = _cauchy_sum("cauchy2", zb, W, V)
+            grad_z = -(g * t.conj()).sum(0)
+        return grad_v, grad_z, grad_w
+
+
+# ----------------------------------------------------------------------------------------------
+# Vandermonde
+# ----------------------------------------------------------------------------------------------
+
+def _fold(a: torch.Tensor, x: torch.Tensor):
+    """(B, M, K) and (B, N) -> (B*M, K) and x repeated to (B*M, N): M becomes a batch dimension."""
+    B, M = a.shape[:2]
+    return a.reshape(B * M, a.shape[-1]), x.unsqueeze(1).expand(B, M, x.shape[-1]).reshape(B * M, -1)
+
+
+def _eval_impl(a: torch.Tensor, x: torch.Tensor, L: int, real_part: bool) -> torch.Tensor:
+    B, M, _ = a.shape
+    a2, x2 = _fold(a, x)
+    t = _positions(L, x).expand(B * M, L).unsqueeze(-1)
+    y = torch.view_as_complex(_reduce("vand_eval", t, _pairs(x2), _pairs(a2))).reshape(B, M, L)
+    return y.real.contiguous() if real_part else y
+
+
+def _sum_impl(u: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    B, M, L = u.shape
+    u2, x2 = _fold(u, x)
+    if not u2.is_complex():
+        u2 = torch.complex(u2, torch.zeros_like(u2))
+    t = _positions(L, x).expand(B * M, L).unsqueeze(-1)
+    return torch.view_as_complex(_reduce("vand_sum", _pairs(x2), t, _pairs(u2))).reshape(B, M, -1)
+
+
+_VandermondeEval, _VandermondeSum = vandermonde_functions(_eval_impl, _sum_impl)
+
+
+# ----------------------------------------------------------------------------------------------
+# The backend
+# ----------------------------------------------------------------------------------------------
+
+class _KeOps:
+    name = "keops"
+
+    def status(self):
+        pykeops = _pykeops()
+        if pykeops is None:
+            return False, _state["import_error"]
+        if _state["compile_error"] is not None:
+            return False, _state["compile_error"]
+        where = "CPU and CUDA" if pykeops.config.gpu_available else "CPU"
+        return True, f"pykeops {pykeops.__version__} ({where}; kernels compile on first use)"
+
+    def supports(self, op, *tensors):
+        device = tensors[0].device
+        if device.type == "cpu":
+            return None
+        if device.type == "cuda":
+            return None if _pykeops().config.gpu_available else "pykeops was installed without CUDA support"
+        return f"KeOps runs on CPU and CUDA tensors, not {device.type}"
+
+    def cauchy(self, v, z, w):
+        return _Cauchy.apply(v, z, w)
+
+    def log_vandermonde(self, v, x, L):
+        return 2 * _VandermondeEval.apply(v.unsqueeze(1), x, L, True).squeeze(1)
+
+    def log_vandermonde_transpose(self, u, v, x, L):
+        return v * _VandermondeSum.apply(u.unsqueeze(1), x).squeeze(1)
+
+
+BACKEND = _KeOps()
