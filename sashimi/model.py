@@ -1,0 +1,284 @@
+"""The autoregressive waveform model: quantised samples -> embedding -> SaShiMi -> LayerNorm -> logits.
+
+`ModelConfig` is a plain dataclass (JSON-able through to_dict/from_dict, for checkpoints),
+`PRESETS` holds the paper's configurations and a CPU-sized `tiny`, `build_model` makes a
+`WaveformAR` from either, and `nll_bits` is the likelihood in bits per sample that training
+and evaluation report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .backbone import SaShiMi
+from .quantize import QUANTIZATIONS
+
+__all__ = ["ModelConfig", "PRESETS", "WaveformAR", "build_model", "count_parameters", "describe", "nll_bits"]
+
+MODES = ("dplr", "diag")
+_QUANTIZATION_ALIASES = {"mu_law": "mu_law", "mu-law": "mu_law", "mulaw": "mu_law", "linear": "linear"}
+
+
+def _check_int(name, value, low=1):
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a WaveformAR (architecture, S4 settings, audio format).
+
+    The S4 fields go to every S4 layer: mode 'dplr' (S4, with the Hurwitz parameterisation
+    when hurwitz=True) or 'diag' (S4D); init None means the mode's default ('legs' /
+    'diag-lin'); n_ssm None gives every channel its own (A, B); ssm_lr is the learning rate
+    marked on A, B and dt (see s4lib.optim). backend picks the kernel-op backend (None: the
+    S4LIB_BACKEND variable, else 'auto'); it does not change the model.
+    """
+
+    name: str = "custom"
+    # architecture
+    d_model: int = 64
+    n_layers: int = 8
+    pool: tuple = (4, 4)
+    expand: int = 2
+    ff: int = 2
+    dropout: float = 0.0
+    prenorm: bool = True
+    unet: bool = False  # S4 blocks in the down path too (the causal U-Net of the paper's later model)
+    # S4 layers
+    mode: str = "dplr"
+    hurwitz: bool = True
+    d_state: int = 64
+    n_ssm: int | None = None
+    init: str | None = None
+    dt_min: float = 1e-3
+    dt_max: float = 1e-1
+    ssm_lr: float | None = 1e-3
+    backend: str | None = None
+    # audio
+    sample_rate: int = 16000
+    sample_len: int = 16000
+    quantization: str = "mu_law"
+    bits: int = 8
+
+    def __post_init__(self):
+        self.pool = tuple(self.pool)
+        for name in ("d_model", "n_layers", "expand", "sample_rate", "sample_len"):
+            _check_int(name, getattr(self, name), 0 if name == "n_layers" else 1)
+        _check_int("ff", self.ff, 0)
+        _check_int("d_state", self.d_state, 2)
+        if self.d_state % 2:
+            raise ValueError(f"d_state must be even (states come in conjugate pairs), got {self.d_state}")
+        if any(isinstance(p, bool) or not isinstance(p, int) or p < 1 for p in self.pool):
+            raise ValueError(f"pool must be a list of ints >= 1, got {list(self.pool)!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        quantization = _QUANTIZATION_ALIASES.get(str(self.quantization).lower())
+        if quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
+        self.quantization = quantization
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 1 <= self.bits <= 16:
+            raise ValueError(f"bits must be an int in [1, 16], got {self.bits!r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.sample_len % self.stride:
+            raise ValueError(f"sample_len={self.sample_len} must be a multiple of prod(pool)={self.stride} "
+                             f"(pool={list(self.pool)})")
+
+    @property
+    def n_classes(self) -> int:
+        return 2**self.bits
+
+    @property
+    def zero_level(self) -> int:
+        """The quantisation level of silence: the first input of every sequence."""
+        return self.n_classes // 2
+
+    @property
+    def stride(self) -> int:
+        """Sequence lengths must be multiples of this (the product of the pooling factors)."""
+        return math.prod(self.pool)
+
+    def s4_kwargs(self) -> dict:
+        kwargs = {"mode": self.mode, "d_state": self.d_state, "n_ssm": self.n_ssm, "dt_min": self.dt_min,
+                  "dt_max": self.dt_max, "lr": self.ssm_lr, "backend": self.backend}
+        if self.mode == "dplr":
+            kwargs["hurwitz"] = self.hurwitz
+        if self.init is not None:
+            kwargs["init"] = self.init
+        return kwargs
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        """JSON-able dict (pool as a list; n_classes included for readers)."""
+        d = dataclasses.asdict(self)
+        d["pool"] = list(self.pool)
+        d["n_classes"] = self.n_classes
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        if not isinstance(d, dict):
+            raise TypeError(f"a model configuration must be a dict, got {type(d).__name__}")
+        d = dict(d)
+        n_classes = d.pop("n_classes", None)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown model configuration keys {unknown} (written by another version?); "
+                             f"expected a subset of {sorted(known)}")
+        config = cls(**d)
+        if n_classes is not None and n_classes != config.n_classes:
+            raise ValueError(f"inconsistent configuration: n_classes={n_classes} but bits={config.bits} "
+                             f"gives {config.n_classes}")
+        return config
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # the paper's SC09 model: 1 s of 16 kHz speech, 8-bit mu-law
+    "sc09": ModelConfig(name="sc09"),
+    # 2 layers per level: the reference's throughput/generation benchmark configuration
+    "sc09-2layer": ModelConfig(name="sc09-2layer", n_layers=2),
+    # music, ~8 s clips (the reference uses 2**17 = 131072 samples for YouTubeMix)
+    "youtubemix": ModelConfig(name="youtubemix", sample_len=128000),
+    "beethoven": ModelConfig(name="beethoven", sample_len=128000, quantization="linear"),
+    # CPU demos and tests: trains to well below 8 bits/sample on the builtin data in minutes
+    "tiny": ModelConfig(name="tiny", d_model=32, n_layers=2, d_state=16, sample_len=4000),
+}
+
+
+def get_config(config, **overrides) -> ModelConfig:
+    """A ModelConfig from a preset name, a dict (to_dict output) or a ModelConfig, with overrides."""
+    if isinstance(config, str):
+        if config not in PRESETS:
+            raise ValueError(f"unknown preset {config!r}; expected one of {sorted(PRESETS)}")
+        config = PRESETS[config]
+    elif isinstance(config, dict):
+        config = ModelConfig.from_dict(config)
+    elif not isinstance(config, ModelConfig):
+        raise TypeError(f"expected a preset name, a dict or a ModelConfig, got {type(config).__name__}")
+    return dataclasses.replace(config, **overrides)  # a copy: presets are never modified
+
+
+class WaveformAR(nn.Module):
+    """Next-sample model over quantised audio: tokens (B, L) -> logits (B, L, n_classes).
+
+    Causal: logits[:, t] depend on tokens[:, :t+1] only (inputs are the targets shifted
+    right by one, see sashimi.data). Recurrent mode: setup_step(), default_state(B),
+    step(token (B,), state) -> (logits (B, n_classes), state), and prefill(tokens (B, L),
+    state) to read a prompt in convolution mode before stepping.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if not isinstance(config, ModelConfig):
+            raise TypeError(f"WaveformAR needs a ModelConfig (see build_model), got {type(config).__name__}")
+        self.config = config
+        self.n_classes = config.n_classes
+        self.embedding = nn.Embedding(config.n_classes, config.d_model)
+        self.backbone = SaShiMi(config.d_model, config.n_layers, config.pool, config.expand, config.ff,
+                                bidirectional=False, unet=config.unet, dropout=config.dropout,
+                                prenorm=config.prenorm, final_norm=False, **config.s4_kwargs())
+        self.norm = nn.LayerNorm(config.d_model)
+        self.head = nn.Linear(config.d_model, config.n_classes)
+
+    def check_tokens(self, tokens, shape: str = "(batch, length)", dim: int = 2) -> None:
+        if not isinstance(tokens, torch.Tensor):
+            raise TypeError(f"tokens must be an integer torch.Tensor of shape {shape}, got {type(tokens).__name__}")
+        if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+            raise TypeError(f"tokens must be quantised levels in an integer tensor (e.g. torch.long), got {tokens.dtype}")
+        if tokens.dim() != dim:
+            raise ValueError(f"tokens must have shape {shape}, got {tuple(tokens.shape)}")
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.n_classes):
+            raise ValueError(f"tokens must be levels in [0, {self.n_classes}), got values in "
+                             f"[{int(tokens.min())}, {int(tokens.max())}]")
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, L) integer levels, L a multiple of prod(pool) -> logits (B, L, n_classes)."""
+        self.check_tokens(tokens)
+        return self.head(self.norm(self.backbone(self.embedding(tokens))))
+
+    # ---------------------------------------------------------------- recurrent mode
+    def setup_step(self, mode: str = "linear", **kwargs):
+        self.backbone.setup_step(mode=mode, **kwargs)
+
+    def default_state(self, batch_size: int, device=None) -> dict:
+        return self.backbone.default_state(batch_size, device=device)
+
+    def prefill(self, tokens: torch.Tensor, state: dict):
+        """Consume a prompt tokens (B, L) (any L >= 1) in convolution mode from `state`.
+
+        Returns (logits (B, L, n_classes), state), exactly as L calls of step() would.
+        """
+        self.check_tokens(tokens)
+        y, state = self.backbone.prefill(self.embedding(tokens), state)
+        return self.head(self.norm(y)), state
+
+    def step(self, token: torch.Tensor, state: dict):
+        """token (B,) integer levels -> (logits (B, n_classes), state)."""
+        if not isinstance(token, torch.Tensor) or token.is_floating_point() or token.is_complex() \
+                or token.dtype == torch.bool:
+            self.check_tokens(token, "(batch,)", 1)  # raises the TypeError
+        if token.dim() != 1:
+            raise ValueError(f"step input must be one level per sequence, shape (batch,), got {tuple(token.shape)}")
+        try:
+            x = self.embedding(token)
+        except IndexError:  # out of range: say which levels are valid
+            self.check_tokens(token, "(batch,)", 1)
+            raise
+        y, state = self.backbone.step(x, state)
+        return self.head(self.norm(y)), state
+
+
+def build_model(config="tiny", **overrides) -> WaveformAR:
+    """WaveformAR from a preset name, a config dict or a ModelConfig; overrides are config fields."""
+    return WaveformAR(get_config(config, **overrides))
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters (shared ones counted once; buffers not counted)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def describe(model: nn.Module) -> str:
+    """One line: the model, its size, and where the parameters are."""
+    total = count_parameters(model)
+    if isinstance(model, WaveformAR):
+        c = model.config
+        backbone = count_parameters(model.backbone)
+        return (f"WaveformAR '{c.name}': {total:,} parameters ({total / 1e6:.2f}M; backbone {backbone:,}) | "
+                f"d_model={c.d_model} n_layers={c.n_layers} pool={list(c.pool)} expand={c.expand} ff={c.ff} "
+                f"mode={c.mode} d_state={c.d_state}{' unet' if c.unet else ''} | "
+                f"{c.sample_rate} Hz, {c.sample_len} samples, {c.bits}-bit {c.quantization}")
+    return f"{type(model).__name__}: {total:,} parameters ({total / 1e6:.2f}M)"
+
+
+def nll_bits(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None):
+    """Negative log-likelihood in bits, summed over the unmasked positions: (sum_bits, count).
+
+    logits (..., n_classes), targets (...) integer levels, mask (...) bool (True = counted) or
+    None for all. sum_bits is a differentiable 0-d tensor (cross-entropy / ln 2); count a 0-d
+    long tensor. Bits per sample = sum_bits / count; both sum across batches and processes.
+    """
+    if logits.shape[:-1] != targets.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} disagree: "
+                         "expected logits (..., n_classes) and targets (...)")
+    if targets.is_floating_point() or targets.is_complex():
+        raise TypeError(f"targets must be integer levels, got {targets.dtype}")
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1).long(),
+                         reduction="none")
+    if mask is None:
+        return ce.sum() / math.log(2), torch.tensor(ce.numel(), device=ce.device)
+    if mask.shape != targets.shape:
+        raise ValueError(f"mask {tuple(mask.shape)} must have the targets' shape {tuple(targets.shape)}")
+    mask = mask.reshape(-1)
+    ce = torch.where(mask.bool(), ce, torch.zeros((), dtype=ce.dtype, device=ce.device))
+    return ce.sum() / math.log(2), mask.bool().sum()
