@@ -45,20 +45,38 @@ Complex load(const T* a, int64_t n) {
   return Complex(double(a[2 * n]), double(a[2 * n + 1]));
 }
 
-// E[n][t] = exp(x_n t) for t < Tile, split re/im, row-major (N, Tile).
+// E[n][t] = exp(x_n t) for t < Tile, split re/im, row-major (N, Tile); the recurrence runs over t
+// with all n at once (vectorised), re-seeded exactly every Reseed<T>::table steps.
 template <typename T>
 void build_table(const T* x, int64_t N, std::vector<T>& E_re, std::vector<T>& E_im) {
   constexpr int64_t Tile = kVandermondeTile;
   E_re.resize(N * Tile);
   E_im.resize(N * Tile);
+  std::vector<double> x_re(N), x_im(N), step_re(N), step_im(N), cur_re(N), cur_im(N);
   for (int64_t n = 0; n < N; ++n) {
-    const Complex xn = load(x, n), step = std::exp(xn);
-    Complex cur = 1;
-    for (int64_t t = 0; t < Tile; ++t) {
-      if (t % Reseed<T>::table == 0) cur = std::exp(Complex(xn.real() * t, xn.imag() * t));
-      E_re[n * Tile + t] = T(cur.real());
-      E_im[n * Tile + t] = T(cur.imag());
-      cur = mul(cur, step);
+    x_re[n] = x[2 * n];
+    x_im[n] = x[2 * n + 1];
+    const Complex step = std::exp(Complex(x_re[n], x_im[n]));
+    step_re[n] = step.real();
+    step_im[n] = step.imag();
+  }
+  for (int64_t t = 0; t < Tile; ++t) {
+    if (t % Reseed<T>::table == 0) {
+      for (int64_t n = 0; n < N; ++n) {
+        const Complex c = t == 0 ? Complex(1) : std::exp(Complex(x_re[n] * t, x_im[n] * t));
+        cur_re[n] = c.real();
+        cur_im[n] = c.imag();
+      }
+    }
+    for (int64_t n = 0; n < N; ++n) {
+      E_re[n * Tile + t] = T(cur_re[n]);
+      E_im[n * Tile + t] = T(cur_im[n]);
+    }
+#pragma omp simd
+    for (int64_t n = 0; n < N; ++n) {
+      const double r = cur_re[n] * step_re[n] - cur_im[n] * step_im[n];
+      cur_im[n] = cur_re[n] * step_im[n] + cur_im[n] * step_re[n];
+      cur_re[n] = r;
     }
   }
 }
@@ -143,45 +161,66 @@ template <typename T, bool FirstMoment>
 void moments_impl(const T* u, const T* x, int64_t N, int64_t L, double* moments, int64_t b, int64_t l0,
                   int64_t l1) {
   constexpr int64_t Tile = kVandermondeTile;
+  constexpr int64_t W = Tile;             // lanes per pass: 4 accumulators x 64 lanes stay in registers
+  constexpr int64_t Group = 32;           // blocks whose u, l*u (2 x 32 x 64 values) stay in L1
   const T* ub = u + b * L;
   const T* xb = x + 2 * b * N;
   std::vector<T> E_re, E_im;
   build_table(xb, N, E_re, E_im);
   Seeds seeds(xb, N, Reseed<T>::blocks);
-  std::vector<T> s_re(N), s_im(N);
   // G_n[t] = sum_blocks s_n u[l0+t];  H_n[t] = sum_blocks s_n (l0+t) u[l0+t]
   std::vector<T> G_re(N * Tile, 0), G_im(N * Tile, 0), H_re(FirstMoment ? N * Tile : 0, 0),
       H_im(FirstMoment ? N * Tile : 0, 0);
-  alignas(64) T uu[Tile], lu[Tile];
-  int64_t block = 0;
-  for (int64_t lb = l0; lb < l1; lb += Tile, ++block) {
-    seeds.at(lb, block);
-    const int64_t count = std::min(Tile, l1 - lb);
-    for (int64_t t = 0; t < Tile; ++t) {
-      uu[t] = t < count ? ub[lb + t] : T(0);
-      lu[t] = T(double(lb + t) * double(uu[t]));
-    }
+  std::vector<T> uu(Group * Tile), lu(Group * Tile), S_re(Group * N), S_im(Group * N);
+  const int64_t blocks = (l1 - l0 + Tile - 1) / Tile;
+  for (int64_t g0 = 0; g0 < blocks; g0 += Group) {
+    const int64_t nb = std::min(Group, blocks - g0);
+    // This group's inputs, zero-padded past l1, and its seeds S[block][n].
+    const int64_t first = l0 + g0 * Tile, valid = std::min(nb * Tile, l1 - first);
+    std::copy(ub + first, ub + first + valid, uu.begin());
+    std::fill(uu.begin() + valid, uu.begin() + nb * Tile, T(0));
 #pragma omp simd
-    for (int64_t n = 0; n < N; ++n) {
-      s_re[n] = T(seeds.re[n]);
-      s_im[n] = T(seeds.im[n]);
-    }
-    for (int64_t n = 0; n < N; ++n) {
-      const T sr = s_re[n], si = s_im[n];
-      T* gr = G_re.data() + n * Tile;
-      T* gi = G_im.data() + n * Tile;
-#pragma omp simd
-      for (int64_t t = 0; t < Tile; ++t) {
-        gr[t] += sr * uu[t];
-        gi[t] += si * uu[t];
+    for (int64_t i = 0; i < nb * Tile; ++i) lu[i] = T(first + i) * uu[i];
+    for (int64_t j = 0; j < nb; ++j) {
+      seeds.at(l0 + (g0 + j) * Tile, g0 + j);
+      for (int64_t n = 0; n < N; ++n) {
+        S_re[j * N + n] = T(seeds.re[n]);
+        S_im[j * N + n] = T(seeds.im[n]);
       }
-      if (FirstMoment) {
-        T* hr = H_re.data() + n * Tile;
-        T* hi = H_im.data() + n * Tile;
-#pragma omp simd
-        for (int64_t t = 0; t < Tile; ++t) {
-          hr[t] += sr * lu[t];
-          hi[t] += si * lu[t];
+    }
+    // Per (n, lane chunk) the four accumulators stay in registers across the group's blocks.
+    for (int64_t n = 0; n < N; ++n) {
+      for (int64_t tc = 0; tc < Tile; tc += W) {
+        alignas(64) T gr[W], gi[W], hr[W], hi[W];
+        for (int64_t t = 0; t < W; ++t) {
+          gr[t] = G_re[n * Tile + tc + t];
+          gi[t] = G_im[n * Tile + tc + t];
+          if (FirstMoment) {
+            hr[t] = H_re[n * Tile + tc + t];
+            hi[t] = H_im[n * Tile + tc + t];
+          }
+        }
+        for (int64_t j = 0; j < nb; ++j) {
+          const T sr = S_re[j * N + n], si = S_im[j * N + n];
+          const T* uj = uu.data() + j * Tile + tc;
+          const T* lj = lu.data() + j * Tile + tc;
+#pragma omp simd aligned(gr, gi, hr, hi : 64)
+          for (int64_t t = 0; t < W; ++t) {
+            gr[t] += sr * uj[t];
+            gi[t] += si * uj[t];
+            if (FirstMoment) {
+              hr[t] += sr * lj[t];
+              hi[t] += si * lj[t];
+            }
+          }
+        }
+        for (int64_t t = 0; t < W; ++t) {
+          G_re[n * Tile + tc + t] = gr[t];
+          G_im[n * Tile + tc + t] = gi[t];
+          if (FirstMoment) {
+            H_re[n * Tile + tc + t] = hr[t];
+            H_im[n * Tile + tc + t] = hi[t];
+          }
         }
       }
     }
