@@ -266,14 +266,22 @@ def test_opcheck(native_cpu, dtype):
         assert all(v == "SUCCESS" for v in result.values()), (op, result)
 
 
-def test_compile_fullgraph_no_graph_break(native_cpu):
+def test_double_backward_raises_clearly(native_cpu):
+    v, z, w = (t.requires_grad_() for t in cauchy_problem(2, 3, 16, torch.complex128, 13))
+    (grad_v,) = torch.autograd.grad(native_cpu.cauchy(v, z, w).abs().sum(), v, create_graph=True)
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        torch.autograd.grad(grad_v.abs().sum(), w)
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_compile_fullgraph_no_graph_break(native_cpu, compiler):
     """A function calling the ops compiles as one graph, forward and backward."""
     torch._dynamo.reset()
 
     def kernel(v, z, w, x, L: int):
         return native_cpu.cauchy(v, z, w).abs().sum() + native_cpu.log_vandermonde(v, x, L).sum()
 
-    compiled = torch.compile(kernel, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(kernel, fullgraph=True, backend=compiler)
     v, z, w = cauchy_problem(2, 4, 16, torch.complex64, 9)
     x = vandermonde_problem(2, 4, 16, torch.complex64, 10)[1]
     v1, v2 = v.clone().requires_grad_(), v.clone().requires_grad_()
