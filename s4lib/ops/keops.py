@@ -2,18 +2,23 @@
 
 KeOps never materialises the (B, N, L) tensor: each op is a sum over one index of a formula
 evaluated pairwise. Complex numbers travel as real (re, im) pairs (`torch.view_as_real`) and
-the formulas use KeOps's complex helpers on those pairs. Four generic reductions serve every
+the formulas use KeOps's complex helpers on those pairs. Three generic reductions serve every
 op and every gradient; the backward passes are written out here with the same reductions
 (as in the 'chunked' backend), so KeOps's symbolic differentiation is never used:
 
-    cauchy1:  out[b, i] = sum_j c[b, j] / (p[b, i] - q[b, j])
-    cauchy2:  out[b, i] = sum_j c[b, j] / (p[b, i] - q[b, j])**2
-    vand_eval: out[b, i] = sum_j a[b, j] exp(x[b, j] t[i])      (t = l, the position)
-    vand_sum:  out[b, i] = sum_j u[b, j] exp(x[b, i] t[j])
+    cauchy1:     out[b, i] = sum_j c[b, j] / (p[b, i] - q[b, j])
+    cauchy2:     out[b, i] = sum_j c[b, j] / (p[b, i] - q[b, j])**2
+    vandermonde: out[b, i] = sum_j a[b, j] exp((x_i[b, i] + x_j[b, j]) (t_i[b, i] + t_j[b, j]))
 
-Kernels compile on first use (one per formula and dtype, a few seconds each, cached on disk by
-PyKeOps) on the KeOps 'CPU' backend for CPU tensors and 'GPU' for CUDA tensors. A failed
-import or compile is reported by `status()` and raised, so dispatch falls back.
+The last one holds both Vandermonde primitives in one kernel: with x_i = 0, t_j = 0 it is
+sum_n a_n exp(x_n l) (the sum over n, i = l), with x_j = 0, t_i = 0 it is sum_l u_l exp(x_n l)
+(the sum over l, i = n); the zero terms are added exactly.
+
+Kernels compile on first use (a few seconds each, cached on disk by PyKeOps) on the KeOps 'CPU'
+backend for CPU tensors and 'GPU' for CUDA tensors. On CPU, KeOps's generated code runs float64
+as fast as float32, so float32 inputs are computed in float64 there (more accurate, and half
+the kernels to compile); on GPU each dtype runs natively. A failed import or compile is
+reported by `status()` and raised, so dispatch falls back.
 """
 
 from __future__ import annotations
@@ -32,8 +37,8 @@ from .chunked import _positions, vandermonde_functions
 _FORMULAS = {
     "cauchy1": ("ComplexDivide(C, P - Q)", ("P = Vi(2)", "Q = Vj(2)", "C = Vj(2)")),
     "cauchy2": ("ComplexDivide(C, ComplexMult(P - Q, P - Q))", ("P = Vi(2)", "Q = Vj(2)", "C = Vj(2)")),
-    "vand_eval": ("ComplexMult(A, ComplexExp(ComplexRealScal(T, X)))", ("T = Vi(1)", "X = Vj(2)", "A = Vj(2)")),
-    "vand_sum": ("ComplexMult(U, ComplexExp(ComplexRealScal(T, X)))", ("X = Vi(2)", "T = Vj(1)", "U = Vj(2)")),
+    "vandermonde": ("ComplexMult(A, ComplexExp(ComplexRealScal(Ti + Tj, Xi + Xj)))",
+                    ("Ti = Vi(1)", "Xi = Vi(2)", "Tj = Vj(1)", "Xj = Vj(2)", "A = Vj(2)")),
 }
 
 _state = {"module": None, "import_error": None, "compile_error": None}
@@ -69,20 +74,25 @@ def _writable(folder: str) -> bool:
 def _reduce(name: str, *args: torch.Tensor) -> torch.Tensor:
     """Run reduction `name` over j on real tensors (B, I or J, dim); returns (B, I, 2)."""
     pykeops = _pykeops()
+    dtype = args[0].dtype
+    on_cpu = args[0].device.type == "cpu"
+    if on_cpu and dtype == torch.float32:
+        args = [a.double() for a in args]
     key = (name, args[0].dtype)
     if key not in _reductions:
         formula, aliases = _FORMULAS[name]
         # Kahan summation: sums over L run to thousands of terms; it costs nothing measurable here.
         _reductions[key] = pykeops.torch.Genred(formula, list(aliases), reduction_op="Sum", axis=1,
                                                 sum_scheme="kahan_scheme")
-    backend = "CPU" if args[0].device.type == "cpu" else "GPU"
+    backend = "CPU" if on_cpu else "GPU"
     device_id = -1 if args[0].device.index is None else args[0].device.index
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            return _reductions[key](*[a.contiguous() for a in args], backend=backend, device_id=device_id)
+            out = _reductions[key](*[a.contiguous() for a in args], backend=backend, device_id=device_id)
     except Exception as e:
-        _state["compile_error"] = f"KeOps reduction {name} ({args[0].dtype}, {backend}) failed: {type(e).__name__}: {e}"
+        _state["compile_error"] = f"KeOps reduction {name} ({key[1]}, {backend}) failed: {type(e).__name__}: {e}"
         raise
+    return out.to(dtype)
 
 
 def _pairs(t: torch.Tensor) -> torch.Tensor:
@@ -146,21 +156,28 @@ def _fold(a: torch.Tensor, x: torch.Tensor):
     return a.reshape(B * M, a.shape[-1]), x.unsqueeze(1).expand(B, M, x.shape[-1]).reshape(B * M, -1)
 
 
+def _vandermonde(t_i, x_i, t_j, x_j, a):
+    """sum_j a_j exp((x_i + x_j)(t_i + t_j)): t (B, I or J) real, x (B, I or J) and a (B, J) complex."""
+    return torch.view_as_complex(_reduce("vandermonde", t_i.unsqueeze(-1), _pairs(x_i),
+                                         t_j.unsqueeze(-1), _pairs(x_j), _pairs(a)))
+
+
 def _eval_impl(a: torch.Tensor, x: torch.Tensor, L: int, real_part: bool) -> torch.Tensor:
-    B, M, _ = a.shape
+    B, M, N = a.shape
     a2, x2 = _fold(a, x)
-    t = _positions(L, x).expand(B * M, L).unsqueeze(-1)
-    y = torch.view_as_complex(_reduce("vand_eval", t, _pairs(x2), _pairs(a2))).reshape(B, M, L)
+    t = _positions(L, x).expand(B * M, L)
+    y = _vandermonde(t, x2.new_zeros(B * M, L), t.new_zeros(B * M, N), x2, a2).reshape(B, M, L)
     return y.real.contiguous() if real_part else y
 
 
 def _sum_impl(u: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     B, M, L = u.shape
+    N = x.shape[-1]
     u2, x2 = _fold(u, x)
     if not u2.is_complex():
         u2 = torch.complex(u2, torch.zeros_like(u2))
-    t = _positions(L, x).expand(B * M, L).unsqueeze(-1)
-    return torch.view_as_complex(_reduce("vand_sum", _pairs(x2), t, _pairs(u2))).reshape(B, M, -1)
+    t = _positions(L, x).expand(B * M, L)
+    return _vandermonde(t.new_zeros(B * M, N), x2, t, x2.new_zeros(B * M, L), u2).reshape(B, M, N)
 
 
 _VandermondeEval, _VandermondeSum = vandermonde_functions(_eval_impl, _sum_impl)
