@@ -1,0 +1,147 @@
+"""Listening page for generated audio: WAV files, spectrogram PNGs, samples.json and an offline index.html.
+
+    from sashimi.report import write_report
+    paths = write_report("samples/", result, info={"checkpoint": "runs/tiny/best.pt"})
+    paths["index"]   # samples/index.html: open it in a browser, no network needed
+
+The page uses no scripts, external stylesheets or fonts: an <audio controls> player and a
+spectrogram image per sample, each referring to a file next to it by a relative name.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+import tempfile
+
+import numpy as np
+
+from .audio import save_audio
+
+__all__ = ["write_report", "spectrogram_png"]
+
+_STYLE = """
+body { font-family: sans-serif; margin: 2em auto; max-width: 60em; color: #222; }
+table { border-collapse: collapse; margin-bottom: 1.5em; }
+td, th { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; font-size: 0.9em; }
+.sample { border-top: 1px solid #ddd; padding: 1em 0; }
+.sample img { display: block; max-width: 100%; margin-top: 0.5em; }
+.note { color: #666; font-size: 0.9em; }
+"""
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def spectrogram_png(path: str, audio: np.ndarray, sample_rate: int, title: str = "", mark_seconds: float | None = None):
+    """Write a log-magnitude spectrogram of a waveform (T,) as a PNG (matplotlib Agg, no display needed).
+
+    mark_seconds draws a vertical line there (the end of a prompt).
+    """
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    audio = np.asarray(audio, dtype=np.float64)
+    fig = Figure(figsize=(8, 2.6))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    n_fft = 512 if len(audio) >= 2048 else max(16, 2 ** int(math.log2(max(len(audio) // 4, 16))))
+    if len(audio) >= n_fft:
+        ax.specgram(audio + 1e-9, NFFT=n_fft, Fs=sample_rate, noverlap=n_fft * 3 // 4, cmap="magma",
+                    scale="dB", vmin=-120)
+    else:  # too short for one frame: show the waveform instead
+        ax.plot(np.arange(len(audio)) / sample_rate, audio, lw=0.5)
+    if mark_seconds:
+        ax.axvline(mark_seconds, color="cyan", lw=1, ls="--")
+    ax.set_xlabel("time (s)")
+    ax.set_ylabel("frequency (Hz)")
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    _atomic_write(path, buffer.getvalue())
+
+
+def _table(rows: dict) -> str:
+    cells = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(_fmt(v))}</td></tr>" for k, v in rows.items())
+    return f"<table>{cells}</table>"
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_fmt(v)}" for k, v in value.items())
+    return "-" if value is None else str(value)
+
+
+def write_report(out_dir: str, result, info: dict | None = None, title: str = "sashimi samples",
+                 stem: str = "sample") -> dict:
+    """Write sample_000.wav, sample_000.png, ... , samples.json and index.html for a GenerationResult.
+
+    info: extra JSON-able facts shown on the page and stored under "info" in samples.json
+    (checkpoint, validation bits/sample, ...). Returns {"index", "json", "wavs", "pngs"} paths.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    info = dict(info or {})
+    rate = result.sample_rate
+    summary = result.summary()
+    prefix_seconds = result.prefix_len / rate if result.prefix_len else None
+    wavs, pngs, cards = [], [], []
+    for i, entry in enumerate(summary["samples"]):
+        wav_name, png_name = f"{stem}_{i:03d}.wav", f"{stem}_{i:03d}.png"
+        audio = result.audio[i].numpy()
+        save_audio(os.path.join(out_dir, wav_name), audio, rate)
+        label = f"{stem} {i}: {entry['bits_per_sample']:.3f} bits/sample"
+        spectrogram_png(os.path.join(out_dir, png_name), audio, rate, title=label, mark_seconds=prefix_seconds)
+        wavs.append(os.path.join(out_dir, wav_name))
+        pngs.append(os.path.join(out_dir, png_name))
+        entry.update({"wav": wav_name, "spectrogram": png_name, "seconds": len(audio) / rate})
+        cards.append(
+            f'<div class="sample"><h3>{html.escape(wav_name)}</h3>'
+            f'<audio controls preload="none" src="{html.escape(wav_name)}"></audio> '
+            f'<a href="{html.escape(wav_name)}">download</a>'
+            f'<div class="note">log-likelihood {entry["log_likelihood_bits"]:.1f} bits over '
+            f'{result.n_generated} generated samples = {entry["bits_per_sample"]:.3f} bits/sample</div>'
+            f'<img src="{html.escape(png_name)}" alt="spectrogram of {html.escape(wav_name)}"></div>')
+
+    record = {"info": info, **summary}
+    json_path = os.path.join(out_dir, "samples.json")
+    _atomic_write(json_path, (json.dumps(record, indent=2, default=str) + "\n").encode())
+
+    throughput = summary["throughput"]
+    settings = {k: v for k, v in summary["settings"].items() if v is not None}
+    speed = (f"{throughput['samples_per_second']:,.0f} samples/s = {throughput['real_time_factor']:.3f}x real time "
+             f"({throughput['path']} path, {throughput['generated_samples']:,} samples in "
+             f"{throughput['seconds']:.1f} s, model loading excluded)")
+    prompt = ""
+    if result.prefix_len:
+        prompt = (f'<p class="note">Each sample starts with the {result.prefix_len / rate:.3f} s prompt '
+                  f'(dashed line on the spectrogram); the likelihoods count only the generated part.</p>')
+    page = (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>"
+        f"<h1>{html.escape(title)}</h1>"
+        f"<p>{len(wavs)} samples, {result.audio.shape[1] / rate:.3f} s each at {rate} Hz. "
+        f"Generation speed: {html.escape(speed)}.</p>{prompt}"
+        + (f"<h2>Run</h2>{_table(info)}" if info else "")
+        + f"<h2>Settings</h2>{_table(settings)}<h2>Samples</h2>{''.join(cards)}"
+        "<p class=\"note\">Per-sample numbers are in samples.json.</p></body></html>\n")
+    index_path = os.path.join(out_dir, "index.html")
+    _atomic_write(index_path, page.encode())
+    return {"index": index_path, "json": json_path, "wavs": wavs, "pngs": pngs}
