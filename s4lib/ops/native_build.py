@@ -75,19 +75,19 @@ def _cpu_signature() -> str:
     return platform.machine() + platform.processor()
 
 
-def build_key(src: Path) -> str:
+def build_key(src: Path, names=SOURCES + HEADERS, flags=CFLAGS) -> str:
     h = hashlib.sha256()
-    for name in SOURCES + HEADERS:
+    for name in names:
         h.update(name.encode())
         h.update((src / name).read_bytes())
-    for part in (torch.__version__, compiler(), str(compiler_path()), " ".join(CFLAGS), _cpu_signature()):
+    for part in (torch.__version__, compiler(), str(compiler_path()), " ".join(flags), _cpu_signature()):
         h.update(part.encode())
     return h.hexdigest()[:16]
 
 
-def build_dir(src: Path) -> Path:
+def build_dir(src: Path, names=SOURCES + HEADERS, flags=CFLAGS, prefix: str = "native") -> Path:
     version = torch.__version__.replace("+", "_")
-    return cache_root() / f"native-torch{version}-{build_key(src)}"
+    return cache_root() / f"{prefix}-torch{version}-{build_key(src, names, flags)}"
 
 
 def _problem() -> str | None:
@@ -142,6 +142,65 @@ def load(verbose: bool = False) -> None:
             _state["error"] = f"native CPU kernels failed to build with {compiler()!r}: {_short(e)}"
             raise RuntimeError(_state["error"]) from e
         _state.update(loaded=True, path=str(directory), seconds=time.perf_counter() - start)
+
+
+_modules: dict = {}  # name -> {"module", "error", "path", "seconds"}
+
+
+def load_module(name: str, sources, extra_cflags=(), verbose: bool = False):
+    """Compile (if not cached) and import the pybind11 extension `name` built from kernels/`sources`.
+
+    Same compiler, flags (CFLAGS + extra_cflags) and cache layout as the CPU kernels, in its own
+    build directory (`<name>-torch<ver>-<key>`). Returns the Python module; raises RuntimeError with
+    one clear sentence if it cannot be built. A failure is remembered per name for the process.
+    """
+    with _lock:
+        entry = _modules.setdefault(name, {"module": None, "error": None, "path": None, "seconds": None})
+        if entry["module"] is not None:
+            return entry["module"]
+        if entry["error"] is not None:
+            raise RuntimeError(entry["error"])
+        problem = _problem()
+        src = source_dir()
+        if problem is None and not all((src / s).is_file() for s in sources):
+            problem = f"C++ sources {list(sources)} not found in {src}"
+        if problem is not None:
+            entry["error"] = f"{name} unavailable: {problem}"
+            raise RuntimeError(entry["error"])
+        flags = tuple(CFLAGS) + tuple(extra_cflags)
+        names = tuple(sources) + HEADERS
+        directory = build_dir(src, names, flags, prefix=name)
+        directory.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        try:
+            from torch.utils.cpp_extension import load as cpp_load
+
+            module = cpp_load(name=name, sources=[str(src / s) for s in sources], extra_cflags=list(flags),
+                              extra_include_paths=[str(src)], build_directory=str(directory),
+                              is_python_module=True, verbose=verbose)
+        except Exception as e:  # compiler errors, missing headers, link errors
+            entry["error"] = f"{name} failed to build with {compiler()!r}: {_short(e)}"
+            raise RuntimeError(entry["error"]) from e
+        entry.update(module=module, path=str(directory), seconds=time.perf_counter() - start)
+        return module
+
+
+def module_status(name: str, sources, extra_cflags=()) -> tuple[bool, str]:
+    """(usable, reason) for a load_module extension without building it."""
+    entry = _modules.get(name, {})
+    if entry.get("module") is not None:
+        return True, f"{name} loaded from {entry['path']}"
+    if entry.get("error") is not None:
+        return False, entry["error"]
+    problem = _problem()
+    src = source_dir()
+    if problem is None and not all((src / s).is_file() for s in sources):
+        problem = f"C++ sources {list(sources)} not found in {src}"
+    if problem is not None:
+        return False, f"{name} unavailable: {problem}"
+    directory = build_dir(src, tuple(sources) + HEADERS, tuple(CFLAGS) + tuple(extra_cflags), prefix=name)
+    how = "cached build" if any(directory.glob("*.so")) else "will compile on first use (~30 s)"
+    return True, f"{name}: {how}, compiler {compiler_path()}"
 
 
 def is_loaded() -> bool:
