@@ -298,3 +298,32 @@ def vandermonde_moments(u: torch.Tensor, x: torch.Tensor, first_moment: bool, bl
     _vandermonde_moments_kernel[grid](u, _real_view(x), torch.view_as_real(P0), p1_view, N, L,
                                       FIRST_MOMENT=first_moment, BLOCK_N=_block(N, block_n), BLOCK_L=block_l)
     return P0, P1
+
+
+# --- ahead-of-time compilation check (no GPU needed) --------------------------------------------
+
+KERNELS = (_cauchy_forward_kernel, _cauchy_backward_vw_kernel, _cauchy_backward_z_kernel,
+           _log_vandermonde_kernel, _vandermonde_moments_kernel)
+
+
+def compile_for_cuda(capability: int = 80, dtypes=("fp32", "fp64")) -> list[str]:
+    """Compile every kernel to a CUDA binary for one compute capability, without a GPU.
+
+    Proves on any machine (CI included) that the kernels type-check and lower through Triton's
+    CUDA backend; run with TRITON_INTERPRET unset. Returns '<kernel>[<dtype>]' per compiled kernel.
+    """
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    compiled = []
+    for kernel in KERNELS:
+        for dtype in dtypes:
+            names = kernel.arg_names
+            signature = {name: f"*{dtype}" if name.endswith("_ptr") else "constexpr" if name.isupper() else "i32"
+                         for name in names}
+            constexprs = {name: (True if name == "FIRST_MOMENT" else 16 if name == "BLOCK_N" else 128)
+                          for name in names if name.isupper()}
+            triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                           target=GPUTarget("cuda", capability, 32))
+            compiled.append(f"{kernel.fn.__name__}[{dtype}]")
+    return compiled
