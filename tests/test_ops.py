@@ -152,6 +152,19 @@ def test_log_vandermonde_transpose_matches_oracle(backend, case):
         assert max_rel_err(got, want) < TOL64, name
 
 
+def test_empty_batch(backend):
+    v = torch.zeros(0, 3, dtype=C128, requires_grad=True)
+    w = rand_poles(torch.Generator().manual_seed(0), (0, 3)).requires_grad_()
+    z = torch.ones(5, dtype=C128, requires_grad=True)
+    u = torch.zeros(0, 5, dtype=torch.float64, requires_grad=True)
+    r = run("cauchy", backend, v, z, w)
+    K = run("log_vandermonde", backend, v, w, 5)
+    s = run("log_vandermonde_transpose", backend, u, v, w, 5)
+    assert r.shape == (0, 5) and K.shape == (0, 5) and s.shape == (0, 3)
+    (r.abs().sum() + K.sum() + s.abs().sum()).backward()
+    assert torch.equal(z.grad, torch.zeros_like(z))
+
+
 # ----------------------------------------------------------------------------------------------
 # gradcheck in complex128
 # ----------------------------------------------------------------------------------------------
@@ -400,6 +413,34 @@ def test_failing_backend_warns_once_and_falls_back(monkeypatch):
         out = ops.cauchy(v, z, w, backend="native")
     torch.testing.assert_close(out, cauchy_ref(v, z, w))
     assert fake.calls == 1
+
+
+def test_keops_status_reports_missing_pykeops(monkeypatch):
+    from s4lib.ops import keops as keops_backend
+    monkeypatch.setattr(keops_backend, "_state", {"module": None, "import_error": None, "compile_error": None})
+    monkeypatch.setitem(sys.modules, "pykeops", None)  # makes `import pykeops` fail
+    ok, reason = keops_backend.BACKEND.status()
+    assert not ok and "pykeops" in reason
+
+
+def test_keops_compile_failure_is_reported_and_falls_back(monkeypatch):
+    """A formula KeOps cannot build: status() says why, dispatch warns once and falls back."""
+    pytest.importorskip("pykeops")
+    from s4lib.ops import keops as keops_backend
+    assert keops_backend.BACKEND.status()[0]
+    monkeypatch.setattr(keops_backend, "_state", dict(keops_backend._state))
+    monkeypatch.setattr(keops_backend, "_reductions", {})
+    aliases = keops_backend._FORMULAS["cauchy1"][1]
+    monkeypatch.setitem(keops_backend._FORMULAS, "cauchy1", ("NoSuchOperation(C, P - Q)", aliases))
+    monkeypatch.setattr(dispatch, "_broken", {})
+    monkeypatch.setattr(dispatch, "_warned", set())
+    v, z, w = cauchy_inputs()
+    with pytest.warns(RuntimeWarning, match="keops.*NoSuchOperation"):
+        out = ops.cauchy(v, z, w, backend="keops")
+    torch.testing.assert_close(out, cauchy_ref(v, z, w))
+    assert not ops.backend_status("keops")[0]
+    ok, reason = keops_backend.BACKEND.status()
+    assert not ok and "cauchy1" in reason and "NoSuchOperation" in reason
 
 
 # ----------------------------------------------------------------------------------------------

@@ -73,8 +73,10 @@ def _writable(folder: str) -> bool:
 
 def _reduce(name: str, *args: torch.Tensor) -> torch.Tensor:
     """Run reduction `name` over j on real tensors (B, I or J, dim); returns (B, I, 2)."""
-    pykeops = _pykeops()
     dtype = args[0].dtype
+    if any(a.numel() == 0 for a in args):  # KeOps rejects empty arrays; an empty sum is zero
+        return args[0].new_zeros(*args[0].shape[:-1], 2)
+    pykeops = _pykeops()
     on_cpu = args[0].device.type == "cpu"
     if on_cpu and dtype == torch.float32:
         args = [a.double() for a in args]
@@ -153,7 +155,8 @@ class _Cauchy(torch.autograd.Function):
 def _fold(a: torch.Tensor, x: torch.Tensor):
     """(B, M, K) and (B, N) -> (B*M, K) and x repeated to (B*M, N): M becomes a batch dimension."""
     B, M = a.shape[:2]
-    return a.reshape(B * M, a.shape[-1]), x.unsqueeze(1).expand(B, M, x.shape[-1]).reshape(B * M, -1)
+    N = x.shape[-1]
+    return a.reshape(B * M, a.shape[-1]), x.unsqueeze(1).expand(B, M, N).reshape(B * M, N)
 
 
 def _vandermonde(t_i, x_i, t_j, x_j, a):
