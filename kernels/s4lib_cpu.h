@@ -27,18 +27,21 @@ struct CauchyProblem {
   double z_abs_max;  // max |z|, for the overflow guard
 };
 
-// r[b, k0:k1] (interleaved complex, row stride L).
+// rows[0..count) (count <= kMaxSharedRows) are rows of v whose poles w are identical; the
+// denominators are computed once for all of them.
+// Forward: r[row, k0:k1] for each row (interleaved complex, row stride L).
 template <typename T>
-void cauchy_forward_slice(const CauchyProblem<T>& p, T* r, int64_t b, int64_t k0, int64_t k1);
+void cauchy_forward_slice(const CauchyProblem<T>& p, T* r, const int64_t* rows, int64_t count, int64_t k0,
+                          int64_t k1);
 
-// Backward over one slice (row b, k in [k0, k1)) for upstream gradient g (B, L) interleaved.
-//   sums_vw (may be null): += the N x 4 doubles  (SV_re, SV_im, SW_re, SW_im) per n, where
+// Backward over k in [k0, k1) for upstream gradient g (B, L) interleaved, for the same row groups.
+//   sums_vw (may be null): += count x N x 4 doubles  (SV_re, SV_im, SW_re, SW_im) per (row, n), where
 //       SV[n] = sum_k g conj(p1) + conj(g) p2,   SW[n] = sum_k g conj(p1)^2 + conj(g) p2^2,
 //       p1 = 1/(z_k - w_n), p2 = 1/(z_k - conj(w_n));  grad_v = SV,  grad_w = conj(v) SW.
 //   grad_z_re/_im (may be null): += -g conj(sum_n v p1^2 + conj(v) p2^2) at absolute index k.
 template <typename T>
-void cauchy_backward_slice(const CauchyProblem<T>& p, const T* g, int64_t b, int64_t k0, int64_t k1,
-                           double* sums_vw, double* grad_z_re, double* grad_z_im);
+void cauchy_backward_slice(const CauchyProblem<T>& p, const T* g, const int64_t* rows, int64_t count, int64_t k0,
+                           int64_t k1, double* sums_vw, double* grad_z_re, double* grad_z_im);
 
 // K[b, l0:l1] for v, x (B, N) interleaved; K real (B, L). l0 must be a multiple of kVandermondeTile.
 template <typename T>
@@ -51,6 +54,7 @@ void vandermonde_moments_slice(const T* u, const T* x, int64_t N, int64_t L, boo
                                double* moments, int64_t b, int64_t l0, int64_t l1);
 
 constexpr int64_t kCauchyTile = 64;        // outputs z_k handled together (SIMD lanes x unroll)
+constexpr int64_t kMaxSharedRows = 4;      // rows sharing poles handled by one call
 constexpr int64_t kVandermondeTile = 64;   // l positions per block of the log-Vandermonde product
 constexpr int64_t kReseedBlocks = 16;      // blocks between exact exp() seeds of the recurrence
 

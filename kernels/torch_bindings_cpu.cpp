@@ -10,6 +10,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
+#include <unordered_map>
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -63,6 +65,48 @@ CauchyProblem<T> cauchy_problem(const at::Tensor& v, const at::Tensor& z_re, con
                           v.size(0),      v.size(1),      z_re.size(0),      z_abs_max};
 }
 
+// Rows of w (B, N) grouped by identical content (bitwise), each group cut into chunks of at most
+// kMaxSharedRows rows: the Cauchy kernels compute the denominators once per chunk. Without shared
+// poles every chunk is one row.
+struct RowChunks {
+  std::vector<int64_t> rows;     // row indices, chunk after chunk
+  std::vector<int64_t> offsets;  // chunk c is rows[offsets[c] .. offsets[c + 1])
+  int64_t count() const { return static_cast<int64_t>(offsets.size()) - 1; }
+};
+
+template <typename T>
+RowChunks chunk_rows_by_poles(const T* w, int64_t B, int64_t N) {
+  const size_t bytes = sizeof(T) * 2 * N;
+  std::unordered_map<uint64_t, std::vector<std::vector<int64_t>>> by_hash;
+  for (int64_t b = 0; b < B; ++b) {
+    const unsigned char* row = reinterpret_cast<const unsigned char*>(w + 2 * b * N);
+    uint64_t h = 1469598103934665603ull;  // FNV-1a
+    for (size_t i = 0; i < bytes; ++i) h = (h ^ row[i]) * 1099511628211ull;
+    auto& bucket = by_hash[h];
+    std::vector<int64_t>* group = nullptr;
+    for (auto& candidate : bucket)
+      if (std::memcmp(w + 2 * candidate[0] * N, row, bytes) == 0) group = &candidate;
+    if (group == nullptr) {
+      bucket.emplace_back();
+      group = &bucket.back();
+    }
+    group->push_back(b);
+  }
+  std::vector<std::vector<int64_t>*> groups;
+  for (auto& entry : by_hash)
+    for (auto& group : entry.second) groups.push_back(&group);
+  std::sort(groups.begin(), groups.end(), [](auto* a, auto* b) { return a->front() < b->front(); });
+  RowChunks chunks;
+  chunks.offsets.push_back(0);
+  for (auto* group : groups)
+    for (size_t i = 0; i < group->size(); i += kMaxSharedRows) {
+      const size_t end = std::min(group->size(), i + kMaxSharedRows);
+      chunks.rows.insert(chunks.rows.end(), group->begin() + i, group->begin() + end);
+      chunks.offsets.push_back(static_cast<int64_t>(chunks.rows.size()));
+    }
+  return chunks;
+}
+
 void check_cauchy_args(const at::Tensor& v, const at::Tensor& z, const at::Tensor& w) {
   check_complex_cpu(v, "v", 2);
   check_complex_cpu(w, "w", 2);
@@ -82,15 +126,19 @@ at::Tensor cauchy_forward(const at::Tensor& v_in, const at::Tensor& z_in, const 
   if (v.size(1) == 0) return r.zero_();
   const at::Tensor z_re = at::real(z).contiguous(), z_im = at::imag(z).contiguous();
   const double z_abs_max = z.abs().max().item<double>();
-  const int64_t slice = slice_length(B, L, kCauchyTile), slices = (L + slice - 1) / slice;
   AT_DISPATCH_FLOATING_TYPES(z_re.scalar_type(), "s4lib_cpu::cauchy_forward", [&] {
     const auto problem = cauchy_problem<scalar_t>(v, z_re, z_im, w, z_abs_max);
+    const RowChunks chunks = chunk_rows_by_poles(problem.w, B, v.size(1));
+    const int64_t C = chunks.count();
+    const int64_t slice = slice_length(C, L, kCauchyTile), slices = (L + slice - 1) / slice;
     scalar_t* out = reinterpret_cast<scalar_t*>(r.data_ptr());
-    at::parallel_for(0, B * slices, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, C * slices, 1, [&](int64_t begin, int64_t end) {
       FlushDenormals flush;
       for (int64_t item = begin; item < end; ++item) {
-        const int64_t b = item / slices, k0 = (item % slices) * slice;
-        cauchy_forward_slice(problem, out, b, k0, std::min(L, k0 + slice));
+        const int64_t c = item / slices, k0 = (item % slices) * slice;
+        const int64_t* rows = chunks.rows.data() + chunks.offsets[c];
+        cauchy_forward_slice(problem, out, rows, chunks.offsets[c + 1] - chunks.offsets[c], k0,
+                             std::min(L, k0 + slice));
       }
     });
   });
@@ -114,23 +162,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cauchy_backward(const at::Tensor&
 
   const at::Tensor z_re = at::real(z).contiguous(), z_im = at::imag(z).contiguous();
   const double z_abs_max = z.abs().max().item<double>();
-  const int64_t slice = slice_length(B, L, 4 * kCauchyTile), slices = (L + slice - 1) / slice;
-  const int64_t items = B * slices, threads = at::get_num_threads();
-  std::vector<double> sums(need_vw ? items * 4 * N : 0, 0.0);
+  const int64_t threads = at::get_num_threads();
   std::vector<double> gz(need_z ? threads * 2 * L : 0, 0.0);  // per thread: re[L], im[L]
 
   AT_DISPATCH_FLOATING_TYPES(z_re.scalar_type(), "s4lib_cpu::cauchy_backward", [&] {
     const auto problem = cauchy_problem<scalar_t>(v, z_re, z_im, w, z_abs_max);
+    const RowChunks chunks = chunk_rows_by_poles(problem.w, B, N);
+    const int64_t C = chunks.count();
+    const int64_t slice = slice_length(C, L, 4 * kCauchyTile), slices = (L + slice - 1) / slice;
+    // Per slice s and row b: N x 4 partial sums at ((s * B + b) * N + n) * 4.
+    std::vector<double> sums(need_vw ? slices * B * 4 * N : 0, 0.0);
     const scalar_t* gp = real_ptr<scalar_t>(g);
-    at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, C * slices, 1, [&](int64_t begin, int64_t end) {
       FlushDenormals flush;
       const int64_t thread = std::min<int64_t>(at::get_thread_num(), threads - 1);
       double* gz_re = need_z ? gz.data() + thread * 2 * L : nullptr;
       double* gz_im = need_z ? gz_re + L : nullptr;
+      std::vector<double> chunk_sums(need_vw ? kMaxSharedRows * 4 * N : 0);
       for (int64_t item = begin; item < end; ++item) {
-        const int64_t b = item / slices, k0 = (item % slices) * slice;
-        cauchy_backward_slice(problem, gp, b, k0, std::min(L, k0 + slice),
-                              need_vw ? sums.data() + item * 4 * N : nullptr, gz_re, gz_im);
+        const int64_t c = item / slices, s = item % slices, k0 = s * slice;
+        const int64_t* rows = chunks.rows.data() + chunks.offsets[c];
+        const int64_t count = chunks.offsets[c + 1] - chunks.offsets[c];
+        std::fill(chunk_sums.begin(), chunk_sums.end(), 0.0);
+        cauchy_backward_slice(problem, gp, rows, count, k0, std::min(L, k0 + slice),
+                              need_vw ? chunk_sums.data() : nullptr, gz_re, gz_im);
+        if (need_vw)
+          for (int64_t j = 0; j < count; ++j)
+            std::copy(chunk_sums.begin() + j * 4 * N, chunk_sums.begin() + (j + 1) * 4 * N,
+                      sums.begin() + (s * B + rows[j]) * 4 * N);
       }
     });
     if (need_vw) {
@@ -142,7 +201,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cauchy_backward(const at::Tensor&
         for (int64_t n = 0; n < N; ++n) {
           double sv_re = 0, sv_im = 0, sw_re = 0, sw_im = 0;
           for (int64_t s = 0; s < slices; ++s) {
-            const double* q = sums.data() + ((b * slices + s) * N + n) * 4;
+            const double* q = sums.data() + ((s * B + b) * N + n) * 4;
             sv_re += q[0];
             sv_im += q[1];
             sw_re += q[2];
