@@ -24,6 +24,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint as checkpoint_call
 
 from s4lib import S4Block
 
@@ -146,6 +147,9 @@ class SaShiMi(nn.Module):
     dropout: in the S4 and FF layers and on each residual branch.
     prenorm: LayerNorm before each layer (True) or after each residual add (False).
     final_norm: a LayerNorm on the output (as in the reference backbone).
+    checkpoint: gradient checkpointing per block in training (the `checkpoint` attribute
+        may be switched at any time): activations are recomputed in the backward pass,
+        trading about one extra forward for a several-fold smaller activation memory.
     s4_kwargs: to every S4Block / FFTConv / SSM kernel (mode 'dplr'|'diag', d_state,
         hurwitz, init, dt_min, dt_max, lr, n_ssm, backend, ...).
 
@@ -155,7 +159,7 @@ class SaShiMi(nn.Module):
 
     def __init__(self, d_model: int = 64, n_layers: int = 8, pool=(4, 4), expand: int = 2, ff: int = 2,
                  bidirectional: bool | None = None, unet: bool = False, dropout: float = 0.0,
-                 prenorm: bool = True, final_norm: bool = True, **s4_kwargs):
+                 prenorm: bool = True, final_norm: bool = True, checkpoint: bool = False, **s4_kwargs):
         super().__init__()
         pool = tuple(pool)
         for name, value, low in (("d_model", d_model, 1), ("n_layers", n_layers, 0), ("expand", expand, 1),
@@ -173,6 +177,7 @@ class SaShiMi(nn.Module):
         self.d_model, self.n_layers, self.pool, self.expand, self.ff = d_model, n_layers, pool, expand, ff
         self.unet, self.bidirectional = bool(unet), bidirectional
         self.causal = not bidirectional
+        self.checkpoint = bool(checkpoint)
         self.stride = math.prod(pool)  # L must be a multiple of this
         self.widths = [d_model * expand**i for i in range(len(pool) + 1)]
 
@@ -220,27 +225,32 @@ class SaShiMi(nn.Module):
         self.check_input(x)
         return self.norm(self._forward_level(0, x))
 
+    def _block(self, block: ResidualBlock, x: torch.Tensor) -> torch.Tensor:
+        if self.checkpoint and self.training and torch.is_grad_enabled():
+            return checkpoint_call(block, x, use_reentrant=False)
+        return block(x)
+
     def _forward_level(self, i: int, x: torch.Tensor) -> torch.Tensor:
         if i == len(self.pool):  # centre
             y = x
             for block in self.center_blocks:
-                y = block(y)
+                y = self._block(block, y)
             return y + x
         skips = [x]
         for block in self.down_blocks[i]:
-            x = block(x)
+            x = self._block(block, x)
             skips.append(x)
         coarse = self._forward_level(i + 1, self.down_pools[i](x))
         y = self.up_pools[i](coarse)
         if self.unet:  # the UpPool and each up block get their mirror image's skip
             y = y + skips.pop()
             for block in self.up_blocks[i]:
-                y = block(y) + skips.pop()
+                y = self._block(block, y) + skips.pop()
             return y
         u = y + skips[0]
         y = u
         for block in self.up_blocks[i]:
-            y = block(y)
+            y = self._block(block, y)
         return y + u
 
     # ---------------------------------------------------------------- recurrent mode

@@ -190,6 +190,14 @@ class WaveformAR(nn.Module):
         self.norm = nn.LayerNorm(config.d_model)
         self.head = nn.Linear(config.d_model, config.n_classes)
 
+    def set_gradient_checkpointing(self, enable: bool = True) -> "WaveformAR":
+        """Recompute each block's activations in the backward pass (much less training memory).
+
+        A runtime switch, not part of the configuration: it does not change the model.
+        """
+        self.backbone.checkpoint = bool(enable)
+        return self
+
     def check_tokens(self, tokens, shape: str = "(batch, length)", dim: int = 2) -> None:
         if not isinstance(tokens, torch.Tensor):
             raise TypeError(f"tokens must be an integer torch.Tensor of shape {shape}, got {type(tokens).__name__}")
