@@ -286,8 +286,9 @@ class Generator:
         if n_samples > self.batch_size:
             raise ValueError(f"stream() generates one batch: n_samples={n_samples} exceeds batch_size="
                              f"{self.batch_size} (make a Generator with a larger batch_size)")
-        for chunk in self._run_batch(list(range(n_samples)), n_steps, sampling, seed, prefix_tokens, chunk_len):
-            yield chunk if details else chunk.audio
+        chunks = self._run_batch(list(range(n_samples)), n_steps, sampling, seed, prefix_tokens, chunk_len)
+        # arguments are checked above, when stream() is called; the chunks come when iterated
+        return chunks if details else (chunk.audio for chunk in chunks)
 
     # ------------------------------------------------------------------------------ the loop
     def _check_request(self, n_samples, seconds, n_steps, temperature, top_k, top_p, seed, prefix, chunk_len):

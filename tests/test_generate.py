@@ -279,7 +279,9 @@ def test_stream_chunks_concatenate_to_generate(tiny):
     assert torch.equal(torch.cat([c.tokens for c in detailed], 1), whole.tokens)
     assert [c.kind for c in detailed][:2] == ["prefix", "generated"]
     with pytest.raises(ValueError, match="batch_size"):
-        next(gen.stream(3, n_steps=10))
+        gen.stream(3, n_steps=10)  # checked when called, before any iteration
+    with pytest.raises(ValueError, match="top_p"):
+        gen.stream(2, n_steps=10, top_p=2.0)
 
 
 def test_fast_path_generates_the_eager_tokens(trained):
