@@ -74,6 +74,8 @@ def run_train(args: argparse.Namespace) -> int:
         kind = "error" if not isinstance(e, CheckpointError) else "checkpoint error"
         print(f"sashimi train: {kind}: {e}", file=sys.stderr)
         return 1
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
+        return 0
     if result["status"] == "interrupted":
         print(f"interrupted at step {result['step']}; checkpoint {result['checkpoint']}")
     else:

@@ -511,8 +511,16 @@ def _train(cfg: TrainConfig, procs: Processes) -> dict:
             raise FileExistsError(f"{cfg.out} already holds a run ({LAST_CHECKPOINT}); pass --resume to "
                                   f"continue it or choose another --out")
 
-    # ---- model, optimiser, schedule (identical initialisation on every process)
+    # ---- the checkpoint to resume from must describe the same model (checked before building it)
     model_config = resolve_model_config(cfg)
+    ckpt = load_checkpoint(last_path) if cfg.resume and os.path.exists(last_path) else None
+    if ckpt is not None:
+        diff = _config_diff(ckpt["model_config"], model_config.to_dict())
+        if diff:
+            raise CheckpointError(f"{last_path} was trained with preset {ckpt.get('preset')!r}, a different model "
+                                  f"than preset {cfg.preset!r} with this run's overrides: " + "; ".join(diff))
+
+    # ---- model, optimiser, schedule (identical initialisation on every process)
     seed_everything(cfg.seed)
     model = build_model(model_config).to(device)
     log(f"sashimi: preset {cfg.preset!r}, {count_parameters(model):,} parameters, "
@@ -523,21 +531,18 @@ def _train(cfg: TrainConfig, procs: Processes) -> dict:
         group["initial_lr"] = group["lr"]  # the schedule scales every group's own lr
     schedule = LRSchedule(cfg)
     step, epoch, index, nonfinite_total, best_val, elapsed_before = 0, 0, 0, 0, math.inf, 0.0
+    resumed_val_bits = None
     seed_everything(cfg.seed + 1 + procs.rank)  # dropout etc.: a different stream per process
 
     # ---- resume: weights, optimiser, schedule, position in the data, RNG
-    if cfg.resume and os.path.exists(last_path):
-        ckpt = load_checkpoint(last_path)
-        diff = _config_diff(ckpt["model_config"], model_config.to_dict())
-        if diff:
-            raise CheckpointError(f"{last_path} was trained with preset {ckpt.get('preset')!r}, a different model "
-                                  f"than preset {cfg.preset!r} with this run's overrides: " + "; ".join(diff))
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         schedule.load_state_dict(ckpt["scheduler"])
         if ema_model is not None:
             ema_model.load_state_dict(ckpt["ema"] if ckpt["ema"] is not None else ckpt["model"])
         step, nonfinite_total, best_val = ckpt["step"], ckpt["nonfinite_total"], ckpt["best_val_bits"]
+        resumed_val_bits = ckpt["val_bits"]
         epoch, index = ckpt["data"]["epoch"], ckpt["data"]["index"]
         elapsed_before = ckpt["elapsed_seconds"]
         if ckpt["data"]["batch_size"] != cfg.batch_size or ckpt["data"]["seed"] != cfg.seed:
@@ -552,6 +557,7 @@ def _train(cfg: TrainConfig, procs: Processes) -> dict:
             kept = [r for r in read_metrics(metrics_path) if r["step"] <= step]
             atomic_write(metrics_path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept).encode()))
         log(f"resumed from {last_path} at step {step}")
+        ckpt = None  # its tensors now live in the model and optimiser
     elif cfg.resume:
         log(f"--resume: no {last_path} yet, starting a new run")
 
@@ -625,7 +631,7 @@ def _train(cfg: TrainConfig, procs: Processes) -> dict:
 
     # ---- the loop
     t_start = time.time()
-    val_bits, lr_now, status = None, cfg.lr, "finished"
+    val_bits, lr_now, status = resumed_val_bits, cfg.lr, "finished"
     consecutive_nonfinite, window_bits, window_steps, window_clips, t_window = 0, 0.0, 0, 0, time.time()
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not (procs.is_main and cfg.progress),
                dynamic_ncols=True, desc="train")
@@ -692,12 +698,14 @@ def _train(cfg: TrainConfig, procs: Processes) -> dict:
             if step % cfg.val_every == 0 or step == cfg.max_steps:
                 run_validation()
             healthy = consecutive_nonfinite == 0  # never overwrite last.pt in the middle of a bad streak
-            if healthy and (step % cfg.ckpt_every == 0 or step == cfg.max_steps):
+            saved = healthy and (step % cfg.ckpt_every == 0 or step == cfg.max_steps)
+            if saved:
                 save_checkpoint(last_path)
 
             # SIGINT/SIGTERM: every process stops after the same step
             if procs.all_sum([1.0 if stop.signal else 0.0])[0] > 0:
-                save_checkpoint(last_path)
+                if not saved:
+                    save_checkpoint(last_path)
                 status = "interrupted"
                 log(f"{stop.signal or 'signal'} received: saved {last_path} at step {step}; "
                     f"continue with --resume")

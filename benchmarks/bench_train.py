@@ -1,0 +1,109 @@
+"""Training throughput and peak memory of SaShiMi on CPU: forward + backward + clip + AdamW step.
+
+    python benchmarks/bench_train.py                  # sc09 at batch 1 and 8, sc09-2layer at batch 1 and 8
+    python benchmarks/bench_train.py --steps 5 --cases sc09:1 sc09-2layer:1
+
+Each case runs in its own subprocess (so ru_maxrss is that case's peak RSS) with
+torch.set_num_threads(2), on random 8-bit tokens of 16000 samples (1 s at 16 kHz). The step time
+is the median over --steps timed steps after --warmup untimed ones. The last columns compare
+with state-spaces/s4's SaShiMi measured on this machine the same way (batch 1, 2 threads):
+2 layers 16.8 s/step and 6.9 GB; 8 layers (sc09) 83.6 s/step and 11.0 GB. "speedup" is our
+samples/s over the reference's; "RSS ratio" our peak RSS over the reference's (at its batch 1).
+"load" is the machine's 1-minute load average when the case ended: above the thread count, other
+processes were competing for the cores and the times are pessimistic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# reference SaShiMi (state-spaces/s4), batch 1, one 16000-sample clip, AdamW step, 2 threads
+REFERENCE = {"sc09": {"s_per_step": 83.6, "rss_gb": 11.0}, "sc09-2layer": {"s_per_step": 16.8, "rss_gb": 6.9}}
+
+
+def run_case(preset: str, batch_size: int, steps: int, warmup: int, sample_len: int, threads: int) -> dict:
+    """One case in this process: returns step times and peak RSS."""
+    import resource
+
+    import torch
+
+    sys.path.insert(0, REPO)
+    from s4lib import param_groups
+    from sashimi.model import build_model, count_parameters, nll_bits
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = build_model(preset, sample_len=sample_len)
+    optimizer = torch.optim.AdamW(param_groups(model, weight_decay=0.0, lr=4e-3), lr=4e-3)
+    n_classes = model.config.n_classes
+    x = torch.randint(0, n_classes, (batch_size, sample_len))
+    y = torch.randint(0, n_classes, (batch_size, sample_len))
+    mask = torch.ones(batch_size, sample_len, dtype=torch.bool)
+    times = []
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        bits, count = nll_bits(model(x), y, mask)
+        (bits * 0.6931471805599453 / count).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
+    return {"preset": preset, "batch_size": batch_size, "params": count_parameters(model),
+            "step_times": times, "median_s": statistics.median(times), "peak_rss_gb": rss_kb / 1e6,
+            "load_average": os.getloadavg()[0]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", nargs="+", default=["sc09:1", "sc09:8", "sc09-2layer:1", "sc09-2layer:8"],
+                        help="PRESET:BATCH pairs")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per case (median reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    parser.add_argument("--sample-len", type=int, default=16000)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one case, print JSON
+    args = parser.parse_args()
+
+    if args.one:
+        preset, batch = args.one.rsplit(":", 1)
+        print(json.dumps(run_case(preset, int(batch), args.steps, args.warmup, args.sample_len, args.threads)))
+        return
+
+    header = (f"{'preset':<12} {'batch':>5} {'params':>10} {'s/step':>8} {'samples/s':>10} {'peak RSS':>9}"
+              f" | {'ref s/step':>10} {'ref RSS':>8} {'speedup':>8} {'RSS ratio':>9} | {'load':>5}")
+    print(f"training step on CPU ({args.threads} threads), {args.sample_len}-sample clips, "
+          f"median of {args.steps} steps after {args.warmup} warmup")
+    print(header)
+    print("-" * len(header))
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONWARNINGS="ignore")
+    for case in args.cases:
+        cmd = [sys.executable, os.path.abspath(__file__), "--one", case, "--steps", str(args.steps),
+               "--warmup", str(args.warmup), "--sample-len", str(args.sample_len), "--threads", str(args.threads)]
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if done.returncode != 0:
+            print(f"{case}: failed\n{done.stderr[-2000:]}")
+            continue
+        r = json.loads(done.stdout.strip().splitlines()[-1])
+        throughput = r["batch_size"] / r["median_s"]
+        line = (f"{r['preset']:<12} {r['batch_size']:>5} {r['params']:>10,} {r['median_s']:>8.2f} {throughput:>10.3f}"
+                f" {r['peak_rss_gb']:>7.2f}GB")
+        ref = REFERENCE.get(r["preset"])
+        if ref and args.sample_len == 16000:
+            speedup = throughput * ref["s_per_step"]  # our samples/s over the reference's (batch 1) samples/s
+            line += (f" | {ref['s_per_step']:>10.1f} {ref['rss_gb']:>6.1f}GB {speedup:>7.1f}x"
+                     f" {r['peak_rss_gb'] / ref['rss_gb']:>9.2f}")
+        line += f" | {r['load_average']:>5.1f}"  # 1-min load average: other work on the machine slows the case
+        print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
