@@ -282,7 +282,7 @@ class SaShiMi(nn.Module):
         self._require_causal("default_state")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        weight = self.down_pools[0].linear.weight if self.pool else self.norm.weight
+        weight = next(self.parameters())
         device = weight.device if device is None else device
 
         def states(group):
