@@ -5,8 +5,11 @@
 
 Each case runs in its own subprocess (so ru_maxrss is that case's peak RSS) with
 torch.set_num_threads(2), on random 8-bit tokens of 16000 samples (1 s at 16 kHz). The step time
-is the median over --steps timed steps after --warmup untimed ones. The last columns compare
-with state-spaces/s4's SaShiMi measured on this machine the same way (batch 1, 2 threads):
+is the median over --steps timed steps after --warmup untimed ones ("cpu s": the process's
+CPU seconds per step, all threads together). A batch written 8/1 runs in micro-batches of 1
+whose gradients add up (`sashimi train --micro-batch 1`): the batch-8 update in batch-1 memory.
+The last columns compare with state-spaces/s4's SaShiMi measured on this machine the same way
+(batch 1, 2 threads):
 2 layers 16.8 s/step and 6.9 GB; 8 layers (sc09) 83.6 s/step and 11.0 GB. "speedup" is our
 samples/s over the reference's; "RSS ratio" our peak RSS over the reference's (at its batch 1).
 "load" is the machine's 1-minute load average when the case ended: above the thread count, other
@@ -28,8 +31,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REFERENCE = {"sc09": {"s_per_step": 83.6, "rss_gb": 11.0}, "sc09-2layer": {"s_per_step": 16.8, "rss_gb": 6.9}}
 
 
-def run_case(preset: str, batch_size: int, steps: int, warmup: int, sample_len: int, threads: int) -> dict:
-    """One case in this process: returns step times and peak RSS."""
+def run_case(preset: str, batch_size: int, steps: int, warmup: int, sample_len: int, threads: int,
+             micro_batch: int | None = None) -> dict:
+    """One case in this process: returns step times (wall and CPU) and peak RSS.
+
+    micro_batch: run the batch in chunks of this many clips, adding up their gradients (as
+    `sashimi train --micro-batch` does): the same update with the memory of a smaller batch.
+    """
     import resource
 
     import torch
@@ -46,26 +54,32 @@ def run_case(preset: str, batch_size: int, steps: int, warmup: int, sample_len: 
     x = torch.randint(0, n_classes, (batch_size, sample_len))
     y = torch.randint(0, n_classes, (batch_size, sample_len))
     mask = torch.ones(batch_size, sample_len, dtype=torch.bool)
-    times = []
+    micro = micro_batch or batch_size
+    times, cpu_times = [], []
     for i in range(warmup + steps):
-        start = time.perf_counter()
-        bits, count = nll_bits(model(x), y, mask)
-        (bits * 0.6931471805599453 / count).backward()
+        start, cpu_start = time.perf_counter(), time.process_time()
+        for chunk in range(0, batch_size, micro):
+            part = slice(chunk, chunk + micro)
+            bits, count = nll_bits(model(x[part]), y[part], mask[part])
+            (bits * 0.6931471805599453 / mask.sum()).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if i >= warmup:
             times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
     rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
-    return {"preset": preset, "batch_size": batch_size, "params": count_parameters(model),
-            "step_times": times, "median_s": statistics.median(times), "peak_rss_gb": rss_kb / 1e6,
+    return {"preset": preset, "batch_size": batch_size, "micro_batch": micro, "params": count_parameters(model),
+            "step_times": times, "median_s": statistics.median(times), "median_cpu_s": statistics.median(cpu_times),
+            "peak_rss_gb": rss_kb / 1e6,
             "load_average": os.getloadavg()[0]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", nargs="+", default=["sc09:1", "sc09:8", "sc09-2layer:1", "sc09-2layer:8"],
-                        help="PRESET:BATCH pairs")
+    parser.add_argument("--cases", nargs="+",
+                        default=["sc09:1", "sc09:8", "sc09:8:1", "sc09-2layer:1", "sc09-2layer:8"],
+                        help="PRESET:BATCH or PRESET:BATCH:MICRO_BATCH")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per case (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--sample-len", type=int, default=16000)
@@ -74,11 +88,12 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.one:
-        preset, batch = args.one.rsplit(":", 1)
-        print(json.dumps(run_case(preset, int(batch), args.steps, args.warmup, args.sample_len, args.threads)))
+        preset, batch, *micro = args.one.split(":")
+        print(json.dumps(run_case(preset, int(batch), args.steps, args.warmup, args.sample_len, args.threads,
+                                  int(micro[0]) if micro else None)))
         return
 
-    header = (f"{'preset':<12} {'batch':>5} {'params':>10} {'s/step':>8} {'samples/s':>10} {'peak RSS':>9}"
+    header = (f"{'preset':<12} {'batch':>7} {'params':>10} {'s/step':>8} {'cpu s':>7} {'samples/s':>10} {'peak RSS':>9}"
               f" | {'ref s/step':>10} {'ref RSS':>8} {'speedup':>8} {'RSS ratio':>9} | {'load':>5}")
     print(f"training step on CPU ({args.threads} threads), {args.sample_len}-sample clips, "
           f"median of {args.steps} steps after {args.warmup} warmup")
@@ -94,13 +109,17 @@ def main() -> None:
             continue
         r = json.loads(done.stdout.strip().splitlines()[-1])
         throughput = r["batch_size"] / r["median_s"]
-        line = (f"{r['preset']:<12} {r['batch_size']:>5} {r['params']:>10,} {r['median_s']:>8.2f} {throughput:>10.3f}"
+        batch = f"{r['batch_size']}" + (f"/{r['micro_batch']}" if r["micro_batch"] != r["batch_size"] else "")
+        line = (f"{r['preset']:<12} {batch:>7} {r['params']:>10,} {r['median_s']:>8.2f} {r['median_cpu_s']:>7.1f}"
+                f" {throughput:>10.3f}"
                 f" {r['peak_rss_gb']:>7.2f}GB")
         ref = REFERENCE.get(r["preset"])
         if ref and args.sample_len == 16000:
             speedup = throughput * ref["s_per_step"]  # our samples/s over the reference's (batch 1) samples/s
             line += (f" | {ref['s_per_step']:>10.1f} {ref['rss_gb']:>6.1f}GB {speedup:>7.1f}x"
                      f" {r['peak_rss_gb'] / ref['rss_gb']:>9.2f}")
+        else:
+            line += " |" + " " * 39
         line += f" | {r['load_average']:>5.1f}"  # 1-min load average: other work on the machine slows the case
         print(line, flush=True)
 

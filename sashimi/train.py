@@ -11,6 +11,7 @@ Under `torchrun --nproc_per_node K` every process runs the same loop on 1/K of e
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -18,7 +19,6 @@ import math
 import os
 import random
 import signal
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -62,6 +62,8 @@ class TrainConfig:
     # optimisation
     max_steps: int = _opt(100_000, "total optimiser steps (a resumed run continues up to this)")
     batch_size: int = _opt(8, "global batch size, split evenly across processes")
+    micro_batch: int | None = _opt(None, "run each process's batch in chunks of this many clips and add up their "
+                                         "gradients (same result, less memory; default: all at once)")
     lr: float = _opt(4e-3, "peak learning rate (SSM A, B, dt keep their own 1e-3 from s4lib)")
     weight_decay: float = _opt(0.0, "AdamW weight decay (SSM parameters are exempt)")
     warmup_steps: int = _opt(1000, "linear warmup from 0 to lr")
@@ -93,7 +95,7 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ["sample_len", "n_train_items", "n_val_items", "val_batches", "decay_steps"]:
+        for name in ["sample_len", "micro_batch", "n_train_items", "n_val_items", "val_batches", "decay_steps"]:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
@@ -644,20 +646,30 @@ def _train(cfg: TrainConfig, procs: Processes) -> dict:
                 group["lr"] = group["initial_lr"] * lr_factor
             lr_now = cfg.lr * lr_factor
 
-            # forward and backward; the loss is normalised by the token count of the *global* batch,
-            # and DDP averages gradients over processes, hence the factor world_size
+            # forward and backward; the loss is normalised by the number of audio samples in the
+            # *global* batch, and DDP averages gradients over processes, hence the factor world_size.
+            # With micro_batch the batch goes through in chunks whose gradients add up (same result).
             epoch, index, batch = next(stream)
             x, y, mask = batch["x"].to(device), batch["y"].to(device), batch["mask"].to(device)
-            with autocast():
-                logits = model(x)
-            bits, count = nll_bits(logits.float(), y, mask)
-            global_bits, global_count = procs.all_sum([float(bits.detach()), float(count)])
-            loss = bits * LN2 * procs.world_size / max(global_count, 1.0)
-            if step in cfg.debug_nonfinite_steps:
-                loss = loss * float("nan")
-                global_bits = float("nan")
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+            (global_count,) = procs.all_sum([float(mask.sum())])
+            loss_scale = LN2 * procs.world_size / max(global_count, 1.0)
+            poisoned = step in cfg.debug_nonfinite_steps  # testing aid (TrainConfig.debug_nonfinite_steps)
+            micro = cfg.micro_batch or len(x)
+            n_chunks = math.ceil(len(x) / micro)
+            local_bits = 0.0
+            for i in range(n_chunks):
+                chunk = slice(i * micro, (i + 1) * micro)
+                sync = i == n_chunks - 1 or procs.world_size == 1  # DDP exchanges gradients after the last chunk
+                with contextlib.nullcontext() if sync else model.no_sync():
+                    with autocast():
+                        logits = model(x[chunk])
+                    bits, _ = nll_bits(logits.float(), y[chunk], mask[chunk])
+                    loss = bits * loss_scale * (float("nan") if poisoned else 1.0)
+                    loss.backward()
+                local_bits += float(bits.detach())
+            (global_bits,) = procs.all_sum([local_bits if not poisoned else float("nan")])
+            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), max_norm)
 
             # a non-finite loss or gradient skips the update (same decision on every process)
             train_bits = global_bits / max(global_count, 1.0)
