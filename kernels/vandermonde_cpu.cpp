@@ -12,7 +12,8 @@
 //   moments:  G_n[t] += s_n u[l0 + t],  H_n[t] += s_n (l0 + t) u[l0 + t]  accumulated over blocks,
 //             P0_n = sum_t E[n][t] G_n[t],  P1_n = sum_t E[n][t] H_n[t]   (4 FMAs per (n, l)).
 // Compared with evaluating exp(x l) in the working precision, this is more accurate: the phase
-// x l is formed in double (exactly, for float inputs).
+// x l is formed in double (exactly, for float inputs). The recurrences are written out on split
+// re/im arrays: std::complex's operator* would go through __muldc3 (NaN/inf recovery), ~10x slower.
 #include "s4lib_cpu.h"
 
 #include <algorithm>
@@ -33,17 +34,6 @@ template <> struct Reseed<double> {
   static constexpr int64_t table = 16;
   static constexpr int64_t blocks = kReseedBlocks;
 };
-
-// Plain complex product: std::complex's operator* goes through __muldc3 (NaN/inf recovery, ~10x
-// slower), which the recurrences below cannot afford and do not need (non-finite seeds stay so).
-inline Complex mul(const Complex& a, const Complex& b) {
-  return Complex(a.real() * b.real() - a.imag() * b.imag(), a.real() * b.imag() + a.imag() * b.real());
-}
-
-template <typename T>
-Complex load(const T* a, int64_t n) {
-  return Complex(double(a[2 * n]), double(a[2 * n + 1]));
-}
 
 // E[n][t] = exp(x_n t) for t < Tile, split re/im, row-major (N, Tile); the recurrence runs over t
 // with all n at once (vectorised), re-seeded exactly every Reseed<T>::table steps.
