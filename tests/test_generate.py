@@ -422,6 +422,25 @@ def test_cli_generate_error_exits_nonzero_without_traceback(tmp_path):
     assert "does not exist" in done.stderr and "Traceback" not in done.stderr
 
 
+def test_cli_demo_trains_generates_and_says_where_to_look(tmp_path, capsys, monkeypatch):
+    import sashimi.cli
+
+    # the demo's recipe, shrunk: shorter clips, one validation and one test clip
+    monkeypatch.setattr(sashimi.cli, "_DEMO_TRAIN", {**sashimi.cli._DEMO_TRAIN, "sample_len": 256, "n_val_items": 1})
+    monkeypatch.setattr(sashimi.cli, "_DEMO_TEST_CLIPS", 1)
+    out = str(tmp_path / "demo")
+    assert cli_main(["demo", "--out", out, "--minutes", "0.01", "--n", "2", "--seconds", "0.05", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    index = os.path.join(out, "samples", "index.html")
+    assert index in printed and "bits/sample" in printed and "samples/s" in printed
+    _, refs = _page_references(index)
+    assert len({r for r in refs if r.endswith(".wav")}) == 2 and all(os.path.isfile(os.path.join(out, "samples", r)) for r in refs)
+    assert os.path.isfile(os.path.join(out, "run", "last.pt"))
+    # again: the trained model is reused
+    assert cli_main(["demo", "--out", out, "--n", "1", "--seconds", "0.02", "--no-progress"]) == 0
+    assert "skipping training" in capsys.readouterr().out
+
+
 # ----------------------------------------------------------------------------- stability
 
 
