@@ -53,7 +53,9 @@ def relative_error(a, b):
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_preset_shapes(name):
     torch.manual_seed(0)
-    model = preset_model(name, sample_len=64)
+    # shapes do not depend on d_state; the first forward of 48 full-size S4 layers is slow
+    # on a loaded CPU (float64 kernel-length solves), so the large presets use a small one
+    model = preset_model(name, sample_len=64, **({} if name == "tiny" else {"d_state": 8}))
     assert model.config.name == name
     print(describe(model))
     tokens = torch.randint(0, model.config.n_classes, (2, 64))
