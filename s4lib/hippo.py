@@ -12,6 +12,7 @@ x_real = 2 Re(V x), B_half = V^* B, P_half = V^* P, C_half = V^T C, y = 2 Re(C_h
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -86,6 +87,7 @@ def low_rank_correction(measure: str, N: int, rank: int = 1) -> np.ndarray:
     return P
 
 
+@functools.lru_cache(maxsize=64)
 def nplr(measure: str, N: int, rank: int = 1):
     """Normal-plus-low-rank form of a HiPPO matrix, in half (conjugate-pair) coordinates.
 
@@ -124,7 +126,10 @@ def nplr(measure: str, N: int, rank: int = 1):
     assert V.shape[1] == N // 2, f"{measure}: expected {N // 2} eigenvalues with positive imaginary part"
     Lambda = c + 1j * mu_half
     Vh = V.conj().T
-    return Lambda, (Vh @ P.T).T, Vh @ B, V
+    result = (Lambda, (Vh @ P.T).T, Vh @ B, V)
+    for array in result:  # cached: callers share these arrays, so make them read-only
+        array.setflags(write=False)
+    return result
 
 
 def diagonal_init(init: str, N: int, rng: np.random.Generator | None = None):
