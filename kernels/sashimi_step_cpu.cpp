@@ -11,10 +11,10 @@
 //   S4 block: LayerNorm -> SSM step (+ D u) -> GELU -> Linear(H, 2H) -> GLU -> + residual
 //   FF block: LayerNorm -> Linear(H, ff H) -> GELU -> Linear(ff H, H) -> + residual
 //
-// SSM steps (complex arithmetic as separate re/im planes, each plane laid out (n, Hp) so that the
-// vector lanes run over channels h and the sums over the state index n are plain vertical adds):
+// SSM steps (complex arithmetic as separate re/im planes; vector lanes run over channels h, so the
+// sums over the state index n are plain vertical adds; details at `enum Kind` below):
 //   S4D:  x = dA x + dB u;                                      y = 2 Re sum_n C x
-//   S4 (DPLR, Woodbury 'linear' step, rank r):
+//   S4 (DPLR, the Woodbury 'linear' step of rank r, rearranged into one pass over the state):
 //         q = 2 Re sum_n Qc x;  y1 = E x - sum_r Pd_r q_r + dtB u;  z = F y1;
 //         q2 = 2 Re sum_n Qc z; q3 = M q2;  x = z - sum_r G_r q3_r;  y = 2 Re sum_n C x
 //
@@ -24,7 +24,7 @@
 //     padding stays exactly zero through every operation;
 //   * a Linear is packed into panels of 16 output columns: w[(j * in + k) * 16 + c] = W[16 j + c, k]
 //     with `in` the padded input width and out = 16 * panels the padded output width;
-//   * S4 state (B, n, Hp) re and im; DownPool buffer (B, p, Hp); UpPool pending (B, p * Hp).
+//   * S4 state (B, Hp/16, n, 2, 16); DownPool buffer (B, p, Hp); UpPool pending (B, p * Hp).
 //
 // Batches: rows are independent sequences, so B > 1 is split into one contiguous slice of rows per
 // thread (at::parallel_for, i.e. torch.set_num_threads), and each thread runs whole steps (and, in
@@ -245,130 +245,142 @@ static void layer_norm(const float* x, int64_t rows, const Norm& n, float* y) {
 // ------------------------------------------------------------------------------------- blocks
 enum Kind : int64_t { kDiag = 0, kDPLR = 1 };
 
+// SSM parameters are stored per tile of VL channels, interleaved over the state index n so that a
+// step streams one contiguous block per tile:  ssm[tile][k][plane][VL]  (k < n), and per-channel
+// constants chan[tile][c][VL]. The state is state[b][tile][k][re, im][VL].
+//   diag planes:  dA re/im, dB re/im, C re/im;                       chan: D
+//   DPLR planes:  FE re/im, FdtB re/im, C re/im, then per rank j: G_j re/im, Qc_j re/im, QFE_j re/im;
+//                 chan: M (r x r), K1 (r x r), K2 (r), D
+//   DPLR aux[b][tile][2r][VL]: q_j = 2 Re sum_k Qc_j x and a_j = 2 Re sum_k QFE_j x of the current
+//                 state, accumulated while the previous step wrote it (refresh() recomputes them).
+// The DPLR step in one pass (FE = F E, FdtB = F dtB, G = F Pd, QFE = Qc FE,
+// K1_ij = 2 Re sum_k Qc_i G_j, K2_i = 2 Re sum_k Qc_i FdtB):
+//   q2 = a - K1 q + K2 u  (= 2 Re sum Qc z with z = F (E x - Pd q + dtB u));  q3 = M q2
+//   x' = FE x + FdtB u - sum_j G_j (q_j + q3_j);  y = 2 Re sum C x';  q', a' from x'
+enum DiagPlane { kdA = 0, kdB = 2, kdC = 4, kDiagPlanes = 6 };
+enum DPLRPlane { kFE = 0, kFdtB = 2, kC = 4, kRank0 = 6, kPerRank = 6 };
+
 struct Block {
   bool stateful = false, prenorm = true;
   Norm norm;
   int64_t H = 0, Hp = 0;
   // S4
-  int64_t kind = kDiag, rank = 0, n = 0;
-  const float* ssm = nullptr;  // planes (count, n, Hp), see plane() below
-  const float* M = nullptr;    // DPLR (rank, rank, Hp)
-  const float* D = nullptr;    // (Hp,)
-  Linear out;                  // H -> 2H (GLU halves at [0, Hp) and [Hp, 2 Hp))
-  float* state_re = nullptr;   // (B, n, Hp)
-  float* state_im = nullptr;
+  int64_t kind = kDiag, rank = 0, n = 0, planes = 0, chans = 0;
+  const float* ssm = nullptr;   // (Hp / VL, n, planes, VL)
+  const float* chan = nullptr;  // (Hp / VL, chans, VL)
+  Linear out;                   // H -> 2H (GLU halves at [0, Hp) and [Hp, 2 Hp))
+  float* state = nullptr;       // (B, Hp / VL, n, 2, VL)
+  float* aux = nullptr;         // (B, Hp / VL, 2 rank, VL)
   // FF
   Linear ff1, ff2;
-  const float* plane(int64_t i) const { return ssm + i * n * Hp; }
 };
 
-// Plane indices in Block::ssm.
-//   diag: dA re/im, dB re/im, C re/im
-//   DPLR: E re/im, F re/im, dtB re/im, C re/im, then per rank k: Pd re/im, G re/im, Qc re/im
-enum DiagPlane { kdA = 0, kdB = 2, kdC = 4, kDiagPlanes = 6 };
-enum DPLRPlane { kE = 0, kF = 2, kdtB = 4, kC = 6, kRank0 = 8, kPerRank = 6 };
-
 // s[r, :] = GELU(SSM_step(u[r, :]) + D u) for one S4D block, rows [r0, r0 + R) of the batch.
-static void ssm_diag(const Block& blk, const float* u, int64_t r0, int64_t R, float* s) {
-  const int64_t n = blk.n, Hp = blk.Hp;
-  const float *Ar = blk.plane(kdA), *Ai = blk.plane(kdA + 1), *Br = blk.plane(kdB), *Bi = blk.plane(kdB + 1);
-  const float *Cr = blk.plane(kdC), *Ci = blk.plane(kdC + 1);
-  for (int64_t h = 0; h < Hp; h += VL) {
-    const vf D = vload(blk.D + h);
+static void ssm_diag(const Block& blk, const float* __restrict u, int64_t r0, int64_t R, float* __restrict s) {
+  const int64_t n = blk.n, Hp = blk.Hp, tiles = Hp / VL;
+  for (int64_t t = 0; t < tiles; ++t) {
+    const float* __restrict par = blk.ssm + t * n * kDiagPlanes * VL;
+    const vf D = vload(blk.chan + t * blk.chans * VL);
     for (int64_t r = 0; r < R; ++r) {
-      float* xr_ = blk.state_re + (r0 + r) * n * Hp + h;
-      float* xi_ = blk.state_im + (r0 + r) * n * Hp + h;
-      const vf uv = vload(u + r * Hp + h);
+      float* __restrict x = blk.state + ((r0 + r) * tiles + t) * n * 2 * VL;
+      const vf uv = vload(u + r * Hp + t * VL);
       vf y0{}, y1{};
       for (int64_t k = 0; k < n; ++k) {
-        const int64_t o = k * Hp + h;
-        const vf xr = vload(xr_ + k * Hp), xi = vload(xi_ + k * Hp);
-        const vf ar = vload(Ar + o), ai = vload(Ai + o);
-        const vf nr = ar * xr - ai * xi + vload(Br + o) * uv;
-        const vf ni = ar * xi + ai * xr + vload(Bi + o) * uv;
-        vstore(xr_ + k * Hp, nr);
-        vstore(xi_ + k * Hp, ni);
-        y0 += vload(Cr + o) * nr;
-        y1 += vload(Ci + o) * ni;
+        const float* p = par + k * kDiagPlanes * VL;
+        const vf xr = vload(x + 2 * k * VL), xi = vload(x + (2 * k + 1) * VL);
+        const vf ar = vload(p + kdA * VL), ai = vload(p + (kdA + 1) * VL);
+        const vf nr = ar * xr - ai * xi + vload(p + kdB * VL) * uv;
+        const vf ni = ar * xi + ai * xr + vload(p + (kdB + 1) * VL) * uv;
+        vstore(x + 2 * k * VL, nr);
+        vstore(x + (2 * k + 1) * VL, ni);
+        y0 += vload(p + kdC * VL) * nr;
+        y1 += vload(p + (kdC + 1) * VL) * ni;
       }
-      vstore(s + r * Hp + h, vgelu(2.0f * (y0 - y1) + D * uv));
+      vstore(s + r * Hp + t * VL, vgelu(2.0f * (y0 - y1) + D * uv));
     }
   }
 }
 
 template <int RANK>
-static void ssm_dplr(const Block& blk, const float* u, int64_t r0, int64_t R, float* s) {
-  const int64_t n = blk.n, Hp = blk.Hp, rank = RANK > 0 ? RANK : blk.rank;
+static void ssm_dplr(const Block& blk, const float* __restrict u, int64_t r0, int64_t R, float* __restrict s) {
   constexpr int MAXR = RANK > 0 ? RANK : 4;
-  const float *Er = blk.plane(kE), *Ei = blk.plane(kE + 1), *Fr = blk.plane(kF), *Fi = blk.plane(kF + 1);
-  const float *Br = blk.plane(kdtB), *Bi = blk.plane(kdtB + 1), *Cr = blk.plane(kC), *Ci = blk.plane(kC + 1);
-  const float *Pr[MAXR], *Pi[MAXR], *Gr[MAXR], *Gi[MAXR], *Qr[MAXR], *Qi[MAXR];
-  for (int64_t a = 0; a < rank; ++a) {
-    const int64_t base = kRank0 + kPerRank * a;
-    Pr[a] = blk.plane(base), Pi[a] = blk.plane(base + 1);
-    Gr[a] = blk.plane(base + 2), Gi[a] = blk.plane(base + 3);
-    Qr[a] = blk.plane(base + 4), Qi[a] = blk.plane(base + 5);
-  }
-  for (int64_t h = 0; h < Hp; h += VL) {
-    const vf D = vload(blk.D + h);
+  const int64_t n = blk.n, Hp = blk.Hp, tiles = Hp / VL, rank = RANK > 0 ? RANK : blk.rank;
+  const int64_t P = blk.planes;
+  for (int64_t t = 0; t < tiles; ++t) {
+    const float* __restrict par = blk.ssm + t * n * P * VL;
+    const float* __restrict ch = blk.chan + t * blk.chans * VL;
+    const float* M = ch;
+    const float* K1 = ch + rank * rank * VL;
+    const float* K2 = ch + 2 * rank * rank * VL;
+    const vf D = vload(ch + (2 * rank * rank + rank) * VL);
     for (int64_t r = 0; r < R; ++r) {
-      float* xr_ = blk.state_re + (r0 + r) * n * Hp + h;
-      float* xi_ = blk.state_im + (r0 + r) * n * Hp + h;
-      const vf uv = vload(u + r * Hp + h);
-      // q = 2 Re sum_n Qc x
-      vf q[MAXR];
-      for (int64_t a = 0; a < rank; ++a) {
-        vf acc{};
-        for (int64_t k = 0; k < n; ++k) {
-          const int64_t o = k * Hp + h;
-          acc += vload(Qr[a] + o) * vload(xr_ + k * Hp) - vload(Qi[a] + o) * vload(xi_ + k * Hp);
-        }
-        q[a] = 2.0f * acc;
+      float* __restrict x = blk.state + ((r0 + r) * tiles + t) * n * 2 * VL;
+      float* __restrict aux = blk.aux + ((r0 + r) * tiles + t) * 2 * rank * VL;
+      const vf uv = vload(u + r * Hp + t * VL);
+      vf q[MAXR], q2[MAXR], c[MAXR];
+      for (int64_t i = 0; i < rank; ++i) {
+        q[i] = vload(aux + i * VL);
+        q2[i] = vload(aux + (rank + i) * VL) + vload(K2 + i * VL) * uv;  // a + K2 u
       }
-      // y1 = E x - sum Pd q + dtB u; z = F y1 (stored in the state); q2 = 2 Re sum_n Qc z
-      vf q2[MAXR];
-      for (int64_t a = 0; a < rank; ++a) q2[a] = vf{};
+      for (int64_t i = 0; i < rank; ++i)
+        for (int64_t j = 0; j < rank; ++j) q2[i] -= vload(K1 + (i * rank + j) * VL) * q[j];
+      for (int64_t i = 0; i < rank; ++i) {
+        vf q3{};
+        for (int64_t j = 0; j < rank; ++j) q3 += vload(M + (i * rank + j) * VL) * q2[j];
+        c[i] = q[i] + q3;
+      }
+      vf y0{}, y1{}, qn[MAXR], an[MAXR];
+      for (int64_t i = 0; i < rank; ++i) qn[i] = vf{}, an[i] = vf{};
       for (int64_t k = 0; k < n; ++k) {
-        const int64_t o = k * Hp + h;
-        const vf xr = vload(xr_ + k * Hp), xi = vload(xi_ + k * Hp);
-        const vf er = vload(Er + o), ei = vload(Ei + o);
-        vf y1r = er * xr - ei * xi, y1i = er * xi + ei * xr;
-        for (int64_t a = 0; a < rank; ++a) {
-          y1r -= vload(Pr[a] + o) * q[a];
-          y1i -= vload(Pi[a] + o) * q[a];
+        const float* p = par + k * P * VL;
+        const vf xr = vload(x + 2 * k * VL), xi = vload(x + (2 * k + 1) * VL);
+        const vf er = vload(p + kFE * VL), ei = vload(p + (kFE + 1) * VL);
+        vf nr = er * xr - ei * xi + vload(p + kFdtB * VL) * uv;
+        vf ni = er * xi + ei * xr + vload(p + (kFdtB + 1) * VL) * uv;
+        for (int64_t i = 0; i < rank; ++i) {
+          const float* g = p + (kRank0 + kPerRank * i) * VL;
+          nr -= vload(g) * c[i];
+          ni -= vload(g + VL) * c[i];
         }
-        y1r += vload(Br + o) * uv;
-        y1i += vload(Bi + o) * uv;
-        const vf fr = vload(Fr + o), fi = vload(Fi + o);
-        const vf zr = fr * y1r - fi * y1i, zi = fr * y1i + fi * y1r;
-        vstore(xr_ + k * Hp, zr);
-        vstore(xi_ + k * Hp, zi);
-        for (int64_t a = 0; a < rank; ++a) q2[a] += vload(Qr[a] + o) * zr - vload(Qi[a] + o) * zi;
-      }
-      // q3 = M q2
-      vf q3[MAXR];
-      for (int64_t a = 0; a < rank; ++a) {
-        vf acc{};
-        for (int64_t b = 0; b < rank; ++b) acc += vload(blk.M + (a * rank + b) * Hp + h) * (2.0f * q2[b]);
-        q3[a] = acc;
-      }
-      // x = z - sum G q3; y = 2 Re sum_n C x
-      vf y0{}, y1{};
-      for (int64_t k = 0; k < n; ++k) {
-        const int64_t o = k * Hp + h;
-        vf xr = vload(xr_ + k * Hp), xi = vload(xi_ + k * Hp);
-        for (int64_t a = 0; a < rank; ++a) {
-          xr -= vload(Gr[a] + o) * q3[a];
-          xi -= vload(Gi[a] + o) * q3[a];
+        vstore(x + 2 * k * VL, nr);
+        vstore(x + (2 * k + 1) * VL, ni);
+        y0 += vload(p + kC * VL) * nr;
+        y1 += vload(p + (kC + 1) * VL) * ni;
+        for (int64_t i = 0; i < rank; ++i) {
+          const float* g = p + (kRank0 + kPerRank * i) * VL;
+          qn[i] += vload(g + 2 * VL) * nr - vload(g + 3 * VL) * ni;
+          an[i] += vload(g + 4 * VL) * nr - vload(g + 5 * VL) * ni;
         }
-        vstore(xr_ + k * Hp, xr);
-        vstore(xi_ + k * Hp, xi);
-        y0 += vload(Cr + o) * xr;
-        y1 += vload(Ci + o) * xi;
       }
-      vstore(s + r * Hp + h, vgelu(2.0f * (y0 - y1) + D * uv));
+      for (int64_t i = 0; i < rank; ++i) {
+        vstore(aux + i * VL, 2.0f * qn[i]);
+        vstore(aux + (rank + i) * VL, 2.0f * an[i]);
+      }
+      vstore(s + r * Hp + t * VL, vgelu(2.0f * (y0 - y1) + D * uv));
     }
   }
+}
+
+// aux (q, a) of the current DPLR state, for all rows (after the state was set from outside).
+static void dplr_refresh(const Block& blk, int64_t B) {
+  const int64_t n = blk.n, tiles = blk.Hp / VL, rank = blk.rank, P = blk.planes;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < tiles; ++t) {
+      const float* par = blk.ssm + t * n * P * VL;
+      const float* x = blk.state + (b * tiles + t) * n * 2 * VL;
+      float* aux = blk.aux + (b * tiles + t) * 2 * rank * VL;
+      for (int64_t i = 0; i < rank; ++i) {
+        vf qn{}, an{};
+        for (int64_t k = 0; k < n; ++k) {
+          const float* g = par + (k * P + kRank0 + kPerRank * i) * VL;
+          const vf xr = vload(x + 2 * k * VL), xi = vload(x + (2 * k + 1) * VL);
+          qn += vload(g + 2 * VL) * xr - vload(g + 3 * VL) * xi;
+          an += vload(g + 4 * VL) * xr - vload(g + 5 * VL) * xi;
+        }
+        vstore(aux + i * VL, 2.0f * qn);
+        vstore(aux + (rank + i) * VL, 2.0f * an);
+      }
+    }
 }
 
 // ------------------------------------------------------------------------------------- engine
@@ -384,9 +396,37 @@ struct Level {
 };
 
 struct SampleScratch {
-  std::vector<uint64_t> keys;
+  std::vector<uint32_t> key, index, key2, index2;
   std::vector<double> cum, w;
 };
+
+// Stable LSD radix sort of (key, index) pairs by key ascending (8-bit digits; a digit shared by all
+// keys is skipped). Result in key/index.
+static void radix_sort(SampleScratch& sc, int64_t V) {
+  uint32_t *key = sc.key.data(), *index = sc.index.data(), *key2 = sc.key2.data(), *index2 = sc.index2.data();
+  for (int shift = 0; shift < 32; shift += 8) {
+    int64_t count[256] = {0};
+    for (int64_t i = 0; i < V; ++i) ++count[(key[i] >> shift) & 255u];
+    if (count[(key[0] >> shift) & 255u] == V) continue;
+    int64_t offset = 0;
+    for (int d = 0; d < 256; ++d) {
+      const int64_t c = count[d];
+      count[d] = offset;
+      offset += c;
+    }
+    for (int64_t i = 0; i < V; ++i) {
+      const int64_t to = count[(key[i] >> shift) & 255u]++;
+      key2[to] = key[i];
+      index2[to] = index[i];
+    }
+    std::swap(key, key2);
+    std::swap(index, index2);
+  }
+  if (key != sc.key.data()) {
+    std::memcpy(sc.key.data(), key, V * sizeof(uint32_t));
+    std::memcpy(sc.index.data(), index, V * sizeof(uint32_t));
+  }
+}
 
 class Engine {
  public:
@@ -426,8 +466,8 @@ class Engine {
 
   // group: 0 = down path of `level`, 1 = up path of `level` (or the centre's blocks)
   void add_s4_block(int64_t group, int64_t level, bool prenorm, at::Tensor norm_w, at::Tensor norm_b, double eps,
-                    int64_t kind, int64_t rank, at::Tensor ssm, at::Tensor M, at::Tensor D, at::Tensor out_w,
-                    at::Tensor out_b, at::Tensor state_re, at::Tensor state_im) {
+                    int64_t kind, int64_t rank, at::Tensor ssm, at::Tensor chan, at::Tensor out_w, at::Tensor out_b,
+                    at::Tensor state, at::Tensor aux) {
     Level& lv = level_at(level);
     Block blk;
     blk.stateful = true;
@@ -437,26 +477,36 @@ class Engine {
     TORCH_CHECK(kind == kDiag || kind == kDPLR, "sashimi_step: unknown SSM kind ", kind);
     TORCH_CHECK(kind == kDiag || (rank >= 1 && rank <= 4), "sashimi_step: DPLR rank must be in 1..4, got ", rank);
     blk.kind = kind, blk.rank = kind == kDPLR ? rank : 0;
-    check(ssm, "ssm", 3);
-    const int64_t planes = kind == kDiag ? kDiagPlanes : kRank0 + kPerRank * rank;
-    TORCH_CHECK(ssm.size(0) == planes && ssm.size(2) == lv.Hp, "sashimi_step: ssm planes must be (", planes,
-                ", n, ", lv.Hp, "), got ", ssm.sizes());
+    const int64_t tiles = lv.Hp / VL;
+    blk.planes = kind == kDiag ? kDiagPlanes : kRank0 + kPerRank * rank;
+    blk.chans = kind == kDiag ? 1 : 2 * rank * rank + rank + 1;
+    check(ssm, "ssm", 4);
+    TORCH_CHECK(ssm.size(0) == tiles && ssm.size(2) == blk.planes && ssm.size(3) == VL, "sashimi_step: ssm must be (",
+                tiles, ", n, ", blk.planes, ", ", VL, "), got ", ssm.sizes());
     blk.n = ssm.size(1);
     blk.ssm = keep(ssm);
-    if (kind == kDPLR) {
-      check(M, "M", 3);
-      TORCH_CHECK(M.size(0) == rank && M.size(1) == rank && M.size(2) == lv.Hp, "sashimi_step: bad M shape");
-      blk.M = keep(M);
-    }
-    blk.D = vec(D, lv.Hp, "D");
+    check(chan, "chan", 3);
+    TORCH_CHECK(chan.size(0) == tiles && chan.size(1) == blk.chans && chan.size(2) == VL, "sashimi_step: chan must be (",
+                tiles, ", ", blk.chans, ", ", VL, "), got ", chan.sizes());
+    blk.chan = keep(chan);
     blk.out = linear(out_w, out_b, lv.Hp, 2 * lv.Hp);
-    for (auto* t : {&state_re, &state_im}) {
-      check(*t, "state", 3);
-      TORCH_CHECK(t->size(0) == B_ && t->size(1) == blk.n && t->size(2) == lv.Hp, "sashimi_step: bad state shape");
-    }
-    blk.state_re = keep(state_re);
-    blk.state_im = keep(state_im);
+    check(state, "state", 5);
+    TORCH_CHECK(state.size(0) == B_ && state.size(1) == tiles && state.size(2) == blk.n && state.size(3) == 2 &&
+                state.size(4) == VL, "sashimi_step: bad state shape ", state.sizes());
+    blk.state = keep(state);
+    check(aux, "aux", 4);
+    TORCH_CHECK(aux.size(0) == B_ && aux.size(1) == tiles && aux.size(2) == 2 * blk.rank && aux.size(3) == VL,
+                "sashimi_step: bad aux shape ", aux.sizes());
+    if (blk.rank > 0) blk.aux = keep(aux);
     (group == 0 ? lv.down : lv.up).push_back(blk);
+  }
+
+  // Recompute the DPLR auxiliaries from the states (call after writing the state tensors).
+  void refresh() {
+    for (auto& lv : levels_)
+      for (auto* group : {&lv.down, &lv.up})
+        for (auto& blk : *group)
+          if (blk.stateful && blk.kind == kDPLR) dplr_refresh(blk, B_);
   }
 
   void add_ff_block(int64_t group, int64_t level, bool prenorm, at::Tensor norm_w, at::Tensor norm_b, double eps,
@@ -774,7 +824,10 @@ class Engine {
     for (int64_t i = 1; i < V; ++i)
       if (logits[i] > logits[imax]) imax = i;
     const double lmax = logits[imax];
-    if ((int64_t)sc.w.size() < V) sc.w.resize(V), sc.cum.resize(V), sc.keys.resize(V);
+    if ((int64_t)sc.w.size() < V) {
+      for (auto* v : {&sc.key, &sc.index, &sc.key2, &sc.index2}) v->resize(V);
+      sc.w.resize(V), sc.cum.resize(V);
+    }
     double total = 0.0;  // sum_i exp(l_i - lmax), index order
     for (int64_t i = 0; i < V; ++i) {
       sc.w[i] = std::exp((double)logits[i] - lmax);
@@ -782,22 +835,20 @@ class Engine {
     }
     int64_t chosen = imax;
     if (temperature > 0) {
-      // order: logit descending, ties by lower index (key = descending-order bits << 32 | index)
+      // order: logit descending, ties by lower index (a stable sort of index-ordered keys)
       for (int64_t i = 0; i < V; ++i) {
         float l = logits[i] == 0.0f ? 0.0f : logits[i];  // -0 == +0
         uint32_t bits;
         std::memcpy(&bits, &l, 4);
         const uint32_t ascending = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
-        sc.keys[i] = ((uint64_t)(~ascending) << 32) | (uint64_t)i;
+        sc.key[i] = ~ascending;
+        sc.index[i] = (uint32_t)i;
       }
+      radix_sort(sc, V);
       const int64_t K = (top_k > 0 && top_k < V) ? top_k : V;
-      if (K < V) {
-        std::nth_element(sc.keys.begin(), sc.keys.begin() + K, sc.keys.begin() + V);
-      }
-      std::sort(sc.keys.begin(), sc.keys.begin() + K);
       double c = 0.0;
       for (int64_t j = 0; j < K; ++j) {
-        const int64_t i = (int64_t)(sc.keys[j] & 0xffffffffu);
+        const int64_t i = sc.index[j];
         const double w = temperature == 1.0 ? sc.w[i] : std::exp(((double)logits[i] - lmax) / temperature);
         c += w;
         sc.cum[j] = c;
@@ -816,7 +867,7 @@ class Engine {
           pick = j;
           break;
         }
-      chosen = (int64_t)(sc.keys[pick] & 0xffffffffu);
+      chosen = sc.index[pick];
     }
     *logprob = ((double)logits[chosen] - lmax) - std::log(total);
     return chosen;
@@ -862,6 +913,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("add_ff_block", &Engine::add_ff_block)
       .def("set_head", &Engine::set_head)
       .def("finalize", &Engine::finalize)
+      .def("refresh", &Engine::refresh)
       .def("phases", &Engine::phases)
       .def("set_phases", &Engine::set_phases)
       .def("step", &Engine::step, py::call_guard<py::gil_scoped_release>())

@@ -204,19 +204,27 @@ def _pack_linear(linear: nn.Linear, in_groups: int = 1, out_groups: int = 1):
     return packed, bias.reshape(-1).contiguous()
 
 
-def _planes(t: torch.Tensor, Hp: int) -> list[torch.Tensor]:
-    """(H, n) complex -> [re (n, Hp), im (n, Hp)], zero padded over channels."""
-    t = t.detach().to(torch.complex64).transpose(0, 1)  # (n, H)
-    out = []
-    for part in (t.real, t.imag):
-        plane = torch.zeros(t.shape[0], Hp)
-        plane[:, : t.shape[1]] = part
-        out.append(plane)
-    return out
+def _tiles(rows: torch.Tensor, Hp: int) -> torch.Tensor:
+    """(count, H, *rest) real -> (Hp / 16, *rest, count, 16): channels padded and cut into tiles of 16."""
+    count, H = rows.shape[:2]
+    padded = torch.zeros(count, Hp, *rows.shape[2:], dtype=torch.float64)
+    padded[:, :H] = rows
+    tiled = padded.reshape(count, Hp // _VECTOR, _VECTOR, *rows.shape[2:])  # (count, T, 16, *rest)
+    order = [1] + list(range(3, tiled.dim())) + [0, 2]
+    return tiled.permute(*order).to(torch.float32).contiguous()
 
 
-def _ssm_tensors(kernel, H: int, Hp: int):
-    """(kind, rank, planes (count, n, Hp), M (rank, rank, Hp) or empty) in the engine's layout."""
+def _re_im(*tensors):
+    """Complex (H, n) tensors -> their real and imaginary parts, in order."""
+    return [part for t in tensors for part in (t.real, t.imag)]
+
+
+def _ssm_tensors(kernel, H: int, Hp: int, D: torch.Tensor):
+    """(kind, rank, ssm (T, n, planes, 16), chan (T, chans, 16)) in the engine's layout.
+
+    The layout and the rearranged DPLR step (FE, FdtB, G, QFE, K1, K2) are described in
+    kernels/sashimi_step_cpu.cpp (`enum Kind`); the products are formed in complex128.
+    """
     s, n = kernel._step, kernel.n
 
     def get(name, shape):
@@ -224,20 +232,25 @@ def _ssm_tensors(kernel, H: int, Hp: int):
         if tuple(t.shape) != shape:
             raise FastPathUnavailable(f"unexpected shape {tuple(t.shape)} of the step parameter {name!r} "
                                       f"(expected {shape}); the fused engine does not support this kernel")
-        return t
+        return t.detach().to(torch.complex128 if t.is_complex() else torch.float64)
 
+    D = D.detach().to(torch.float64).reshape(1, H)
     if isinstance(kernel, SSMKernelDiag):
-        planes = _planes(get("dA", (H, n)), Hp) + _planes(get("dB", (H, n)), Hp) + _planes(get("C", (1, H, n))[0], Hp)
-        return _DIAG, 0, torch.stack(planes).contiguous(), torch.zeros(0, 0, Hp)
+        planes = torch.stack(_re_im(get("dA", (H, n)), get("dB", (H, n)), get("C", (1, H, n))[0]))
+        return _DIAG, 0, _tiles(planes, Hp), _tiles(D, Hp)
     r = kernel.rank
-    planes = (_planes(get("E", (H, n)), Hp) + _planes(get("F", (H, n)), Hp) + _planes(get("dtB", (H, n)), Hp)
-              + _planes(get("C", (1, H, n))[0], Hp))
-    Pd, G, Qc = get("Pd", (r, H, n)), get("G", (r, H, n)), get("Qc", (r, H, n))
-    for k in range(r):
-        planes += _planes(Pd[k], Hp) + _planes(G[k], Hp) + _planes(Qc[k], Hp)
-    M = torch.zeros(r, r, Hp)
-    M[:, :, :H] = get("M", (H, r, r)).detach().to(torch.float32).permute(1, 2, 0)
-    return _DPLR, r, torch.stack(planes).contiguous(), M.contiguous()
+    E, F, dtB = get("E", (H, n)), get("F", (H, n)), get("dtB", (H, n))
+    G, Qc, M = get("G", (r, H, n)), get("Qc", (r, H, n)), get("M", (H, r, r))
+    C = get("C", (1, H, n))[0]
+    FE, FdtB = F * E, F * dtB
+    QFE = Qc * FE
+    K1 = 2 * torch.einsum("ihn,jhn->hij", Qc, G).real  # (H, r, r)
+    K2 = 2 * (Qc * FdtB).sum(-1).real  # (r, H)
+    planes = _re_im(FE, FdtB, C)
+    for j in range(r):
+        planes += _re_im(G[j], Qc[j], QFE[j])
+    chan = torch.cat([M.reshape(H, r * r).T, K1.reshape(H, r * r).T, K2, D])  # (2 r^2 + r + 1, H)
+    return _DPLR, r, _tiles(torch.stack(planes), Hp), _tiles(chan, Hp)
 
 
 def _norm(norm: nn.LayerNorm, Hp: int):
@@ -287,7 +300,7 @@ class FastStepper:
                 self._buffers.append(buffer)
                 self._pending.append(pending)
             engine.set_center(self.widths[-1])
-            # per group: list of (state_re, state_im) or None, in the state dict's order
+            # per group: list of S4 state tensors (None for FF blocks), in the state dict's order
             self._states = {"down": [], "center": [], "up": []}
             for i in range(len(self.pool)):
                 self._states["down"].append(self._add_blocks(engine, 0, i, backbone.down_blocks[i], padded[i], B))
@@ -309,12 +322,13 @@ class FastStepper:
             if block.stateful:
                 s4 = block.layer
                 kernel = s4.layer.kernel
-                kind, rank, planes, M = _ssm_tensors(kernel, s4.d_model, Hp)
+                kind, rank, planes, chan = _ssm_tensors(kernel, s4.d_model, Hp, s4.layer.D[0])
                 out_w, out_b = _pack_linear(s4.output_linear[0], out_groups=2)
-                D = _pad_vector(s4.layer.D[0], Hp)
-                state = (torch.zeros(B, kernel.n, Hp), torch.zeros(B, kernel.n, Hp))
-                engine.add_s4_block(group, level, block.prenorm, norm_w, norm_b, eps, kind, rank, planes, M, D,
-                                    out_w, out_b, *state)
+                tiles = Hp // _VECTOR
+                state = torch.zeros(B, tiles, kernel.n, 2, _VECTOR)
+                aux = torch.zeros(B, tiles, 2 * rank, _VECTOR)
+                engine.add_s4_block(group, level, block.prenorm, norm_w, norm_b, eps, kind, rank, planes, chan,
+                                    out_w, out_b, state, aux)
                 states.append(state)
             else:
                 w1, b1 = _pack_linear(block.layer.input_linear)
@@ -327,21 +341,24 @@ class FastStepper:
     def reset(self) -> None:
         """Back to model.default_state(batch_size): zero states, empty pooling buffers."""
         for group in self._states["down"] + self._states["up"] + [self._states["center"]]:
-            for entry in group:
-                for t in entry or ():
-                    t.zero_()
+            for state in group:
+                if state is not None:
+                    state.zero_()
         for t in self._buffers + self._pending:
             t.zero_()
+        self._engine.refresh()
         self._engine.set_phases([0] * len(self.pool))
 
     def _complex_states(self, group):
+        """Engine states (B, T, n, 2, 16) -> complex (B, H, n) as model.default_state makes them."""
         out = []
-        for entry, H in group:
-            if entry is None:
+        for state, H in group:
+            if state is None:
                 out.append(None)
             else:
-                re, im = entry
-                out.append(torch.complex(re, im)[:, :, :H].transpose(1, 2).contiguous())
+                B, T, n = state.shape[:3]
+                x = torch.complex(state[:, :, :, 0], state[:, :, :, 1])  # (B, T, n, 16)
+                out.append(x.permute(0, 1, 3, 2).reshape(B, T * _VECTOR, n)[:, :H].contiguous())
         return out
 
     def get_state(self) -> dict:
@@ -386,6 +403,7 @@ class FastStepper:
                 phases.append(len(buffer))
             self._load_group(state["center"], self._states["center"], self.widths[-1], "center")
         self._engine.set_phases(phases)
+        self._engine.refresh()
 
     def _check(self, t, shape, name):
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.is_complex():
@@ -395,19 +413,19 @@ class FastStepper:
     def _load_group(self, given, mine, H, name):
         if len(given) != len(mine):
             raise ValueError(f"state {name} has {len(given)} entries, the model has {len(mine)} blocks")
-        for j, (t, entry) in enumerate(zip(given, mine)):
-            if entry is None:
+        for j, (t, state) in enumerate(zip(given, mine)):
+            if state is None:
                 if t is not None:
                     raise ValueError(f"state {name}[{j}] belongs to an FF block and must be None")
                 continue
-            re, im = entry
-            n = re.shape[1]
-            if not isinstance(t, torch.Tensor) or not t.is_complex() or tuple(t.shape) != (self.batch_size, H, n):
-                raise ValueError(f"state {name}[{j}] must be complex ({self.batch_size}, {H}, {n}), got "
+            B, T, n = state.shape[:3]
+            if not isinstance(t, torch.Tensor) or not t.is_complex() or tuple(t.shape) != (B, H, n):
+                raise ValueError(f"state {name}[{j}] must be complex ({B}, {H}, {n}), got "
                                  f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
-            t = t.detach().transpose(1, 2)
-            re[:, :, :H] = t.real
-            im[:, :, :H] = t.imag
+            x = torch.zeros(B, T * _VECTOR, n, dtype=torch.complex64)
+            x[:, :H] = t.detach()
+            x = x.reshape(B, T, _VECTOR, n).permute(0, 1, 3, 2)  # (B, T, n, 16)
+            state.copy_(torch.stack([x.real, x.imag], dim=3))
 
     # ------------------------------------------------------------------------------------- steps
     def _tokens(self, tokens, name="tokens") -> torch.Tensor:

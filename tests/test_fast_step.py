@@ -1,0 +1,414 @@
+"""The fused step engine (sashimi.fast_step) against the eager step (the oracle) and convolution mode.
+
+Logits within 1e-4 relative at every step over 4096 steps (batch 1 and 3), identical greedy token
+sequences (engine, eager loop, and the argmaxes of convolution mode on the generated tokens), state
+round trips with prefill, the sampling rule against a plain-Python transcription of its definition,
+and the cases the engine must refuse.
+"""
+
+import contextlib
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sashimi import build_model
+from sashimi.model import ModelConfig, WaveformAR, nll_bits
+from sashimi.sampling import sample as sample_oracle
+
+fast_step = pytest.importorskip("sashimi.fast_step")
+from sashimi.fast_step import FastPathUnavailable, FastStepper, fast_path_status, sample  # noqa: E402
+
+BACKEND = "naive"
+STEPS = 4096
+TOL = 1e-4
+
+
+def _engine_or_skip():
+    torch.manual_seed(0)
+    model = build_model("tiny", d_model=16, n_layers=1, d_state=4, backend=BACKEND).eval()
+    model.setup_step()
+    try:
+        FastStepper(model, 1)
+    except FastPathUnavailable as e:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"fused engine unavailable here: {e}")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def engine_built():
+    _engine_or_skip()
+
+
+@contextlib.contextmanager
+def torch_threads(n):
+    """Eager step loops are thousands of tiny ops: one thread avoids thread-pool overhead."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+def relative_error(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def make_model(name, mode, trained, seed, **overrides):
+    torch.manual_seed(seed)
+    overrides = {"d_state": 8, **overrides} if name != "tiny" else overrides
+    model = build_model(name, mode=mode, backend=BACKEND, **overrides)
+    if trained:  # the engine must follow trained parameters, not only the init
+        tokens = torch.randint(0, 256, (2, 256))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        for _ in range(3):
+            bits, count = nll_bits(model(tokens), tokens)
+            optimizer.zero_grad()
+            (bits / count).backward()
+            optimizer.step()
+    model.eval()
+    return model
+
+
+# ----------------------------------------------------------------------------- fast == eager == conv
+
+@pytest.mark.parametrize("trained", [False, True], ids=["init", "trained"])
+@pytest.mark.parametrize("mode", ["dplr", "diag"])
+@pytest.mark.parametrize("name", ["tiny", "sc09-2layer"])
+def test_fast_matches_eager_and_convolution(name, mode, trained):
+    model = make_model(name, mode, trained, seed=10 + 2 * trained + (mode == "diag"))
+    B = 3
+    first = torch.tensor([128, 7, 250])
+    with torch.no_grad():
+        model.setup_step()
+        # the oracle: eager greedy decoding, recording logits
+        state, token = model.default_state(B), first
+        eager_logits = torch.empty(B, STEPS, 256)
+        eager_tokens = torch.empty(B, STEPS, dtype=torch.long)
+        with torch_threads(1):
+            for t in range(STEPS):
+                logits, state = model.step(token, state)
+                token = logits.argmax(-1)
+                eager_logits[:, t], eager_tokens[:, t] = logits, token
+        inputs = torch.cat([first[:, None], eager_tokens[:, :-1]], dim=1)
+
+        # greedy decoding in the engine: the same tokens
+        stepper = FastStepper(model, B)
+        tokens, logprobs = stepper.generate(first, torch.zeros(B, STEPS), temperature=0)
+        assert torch.equal(tokens, eager_tokens), f"greedy tokens differ from step {first_difference(tokens, eager_tokens)}"
+        eager_logprobs = torch.log_softmax(eager_logits.double(), -1).gather(-1, eager_tokens[..., None])[..., 0]
+        assert (logprobs - eager_logprobs).abs().max() < 1e-4
+
+        # logits at every step, teacher-forced, batch 3 and batch 1
+        worst = 0.0
+        for rows in (slice(0, 3), slice(0, 1)):
+            stepper = FastStepper(model, rows.stop - rows.start)
+            for t in range(STEPS):
+                fast = stepper.step(inputs[rows, t])
+                err = relative_error(fast, eager_logits[rows, t])
+                worst = max(worst, err)
+                assert err <= TOL, f"batch {rows.stop}: step {t}: relative error {err:.2e}"
+
+        # convolution mode on the generated tokens: the same argmaxes
+        conv_logits = model(inputs)
+        assert torch.equal(conv_logits.argmax(-1), eager_tokens)
+        conv_err = relative_error(eager_logits, conv_logits)
+    print(f"{name} {mode} {'trained' if trained else 'init'}: fast vs eager max relative logit error "
+          f"{worst:.2e} over {STEPS} steps (eager vs conv {conv_err:.2e}); greedy tokens identical")
+
+
+def first_difference(a, b):
+    diff = (a != b).any(0).nonzero()
+    return int(diff[0]) if len(diff) else None
+
+
+class _RankTwo(ModelConfig):
+    def s4_kwargs(self):
+        return {**super().s4_kwargs(), "rank": 2}
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"unet": True},                                      # causal U-Net: down blocks and skips
+    {"pool": (2, 4, 2), "prenorm": False},               # three levels, postnorm
+    {"d_model": 20, "d_state": 6, "ff": 3},               # widths that need padding
+    {"mode": "dplr", "hurwitz": False, "ff": 0},         # original S4 (separate Q), no FF blocks
+    {"rank": 2},                                          # DPLR rank 2
+    {"n_layers": 0},                                      # no blocks at all
+], ids=["unet", "3-levels-postnorm", "padding", "non-hurwitz-no-ff", "rank-2", "no-layers"])
+def test_fast_matches_eager_variants(kwargs):
+    torch.manual_seed(20)
+    kwargs = dict(kwargs)
+    rank_two = kwargs.pop("rank", None)
+    config = ModelConfig(**{**ModelConfig(name="t", d_model=16, n_layers=1, d_state=8).__dict__, **kwargs})
+    if rank_two:
+        config = _RankTwo(**config.__dict__)
+    model = WaveformAR(config).eval()
+    B = 3
+    tokens = torch.randint(0, 256, (B, 256))
+    with torch.no_grad():
+        model.setup_step()
+        stepper = FastStepper(model, B)  # B = 3 rows on 2 threads: slices of 1 and 2 rows
+        state = model.default_state(B)
+        for t in range(tokens.shape[1]):
+            with torch_threads(1):
+                eager, state = model.step(tokens[:, t], state)
+            fast = stepper.step(tokens[:, t])
+            assert relative_error(fast, eager) <= TOL, (kwargs, t)
+
+
+# ----------------------------------------------------------------------------- state round trips
+
+@pytest.mark.parametrize("mode", ["dplr", "diag"])
+def test_state_round_trip_with_prefill(mode):
+    with torch_threads(1):
+        _state_round_trip(mode)
+
+
+def _state_round_trip(mode):
+    model = make_model("tiny", mode, trained=False, seed=30)
+    B = 2
+    tokens = torch.randint(0, 256, (B, 200))
+    with torch.no_grad():
+        model.setup_step()
+        # 37 prompt samples: mid-group at both pooling levels
+        _, state = model.prefill(tokens[:, :37], model.default_state(B))
+        stepper = FastStepper(model, B)
+        stepper.set_state(state)
+        back = stepper.get_state()
+        assert_states_equal(back, state)  # set -> get is the identity
+        # engine 29 steps, then eager continues from the engine's state ...
+        fast = [stepper.step(tokens[:, t]) for t in range(37, 66)]
+        mixed_state = stepper.get_state()
+        assert [len(b) for b in mixed_state["buffer"]] == [66 % 4, (66 // 4) % 4]
+        mixed = fast + [model.step(tokens[:, t], mixed_state)[0] for t in range(66, 200)]
+        # ... exactly as eager all along
+        eager_state = state
+        eager = [model.step(tokens[:, t], eager_state)[0] for t in range(37, 200)]
+    assert relative_error(torch.stack(mixed), torch.stack(eager)) <= TOL
+
+
+def assert_states_equal(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        def flat(x):
+            if isinstance(x, list):
+                return [y for item in x for y in flat(item)]
+            return [x]
+        fa, fb = flat(a[key]), flat(b[key])
+        assert len(fa) == len(fb), key
+        for x, y in zip(fa, fb):
+            if x is None or y is None:
+                assert x is None and y is None
+            else:
+                assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y), key
+
+
+def test_reset_and_bad_states():
+    model = make_model("tiny", "dplr", trained=False, seed=31)
+    model.setup_step()
+    stepper = FastStepper(model, 2)
+    tokens = torch.tensor([1, 2])
+    first = stepper.step(tokens)
+    stepper.step(tokens)
+    stepper.reset()
+    assert torch.equal(stepper.step(tokens), first)
+    assert_states_equal(FastStepper(model, 2).get_state(), model.default_state(2))
+    state = model.default_state(2)
+    with pytest.raises(ValueError, match="keys"):
+        stepper.set_state({"down": []})
+    bad = model.default_state(3)
+    with pytest.raises(ValueError, match="complex"):
+        stepper.set_state(bad)
+    state["buffer"][0] = [torch.zeros(2, 32)] * 4
+    with pytest.raises(ValueError, match="fewer than 4"):
+        stepper.set_state(state)
+    with pytest.raises(ValueError, match="levels in"):
+        stepper.step(torch.tensor([0, 256]))
+    with pytest.raises(ValueError, match="shape"):
+        stepper.step(torch.tensor([0, 1, 2]))
+
+
+# ----------------------------------------------------------------------------- the sampling rule
+
+def sample_rule(logits, u, temperature, top_k, top_p):
+    """The rule of sashimi.fast_step's docstring, transcribed in plain Python floats."""
+    l = [float(x) for x in logits]
+    V, m = len(l), max(l)
+    S = 0.0
+    for x in l:
+        S += math.exp(x - m)
+    if temperature == 0:
+        chosen = l.index(m)
+    else:
+        order = sorted(range(V), key=lambda i: (-l[i], i))
+        K = min(top_k, V) if top_k > 0 else V
+        order = order[:K]
+        cum, c = [], 0.0
+        for i in order:
+            c += math.exp((l[i] - m) / temperature)
+            cum.append(c)
+        threshold = top_p * cum[-1]
+        M = next(j + 1 for j in range(K) if cum[j] >= threshold)
+        target = u * cum[M - 1]
+        chosen = order[next((j for j in range(M) if cum[j] > target), M - 1)]
+    return chosen, (l[chosen] - m) - math.log(S)
+
+
+HAND_MADE = [
+    # logits, u, temperature, top_k, top_p, expected token
+    ([0.0, 0.0, 0.0, 0.0], 0.25, 1.0, 0, 1.0, 1),     # cumulative 1/4 is not > 1/4: the next one
+    ([0.0, 0.0, 0.0, 0.0], 0.2499, 1.0, 0, 1.0, 0),
+    ([0.0, 0.0, 0.0, 0.0], 0.99, 1.0, 0, 0.5, 1),     # top-p 0.5 keeps two of four equal levels
+    ([1.0, 3.0, 3.0, 0.0, 3.0], 0.0, 0.0, 0, 1.0, 1),  # greedy: the lowest index among ties
+    ([1.0, 3.0, 3.0, 0.0, 3.0], 0.5, 1.0, 0, 1.0, 2),  # ties sorted by index: 1, 2, 4, 0, 3
+    ([1.0, 3.0, 3.0, 0.0, 3.0], 0.999, 1.0, 2, 1.0, 2),  # top-k 2 keeps levels 1 and 2
+    ([5.0, 1.0, 4.0, -2.0], 0.999, 1.0, 0, 1e-6, 0),  # tiny top-p: the argmax only
+    ([5.0, 1.0, 4.0, -2.0], 0.999, 1.0, 1, 1.0, 0),   # top-k 1: the argmax only
+    ([5.0, 1.0, 4.0, -2.0], 0.8, 1.0, 0, 1.0, 2),     # p = .721, .265, ...: u = .8 falls in level 2
+    ([5.0, 1.0, 4.0, -2.0], 0.8, 0.01, 0, 1.0, 0),    # cold: all mass on the argmax
+    ([5.0, 1.0, 4.0, -2.0], 0.6, 100.0, 0, 1.0, 1),   # hot: nearly uniform, order 0, 2, 1, 3
+    ([-0.0, 0.0, -1.0], 0.6, 1.0, 0, 1.0, 1),         # -0 equals +0: a tie broken by index
+]
+
+
+@pytest.mark.parametrize("case", HAND_MADE)
+def test_sampling_rule_hand_made(case):
+    logits, u, temperature, top_k, top_p, expected = case
+    x = torch.tensor([logits])
+    token, logprob = sample(x, torch.tensor([u], dtype=torch.float64), temperature, top_k, top_p)
+    ref_token, ref_logprob = sample_rule(logits, u, temperature, top_k, top_p)
+    assert int(token) == ref_token == expected
+    assert float(logprob) == ref_logprob  # the same float64 operations in the same order
+    oracle_token, oracle_logprob = sample_oracle(x, torch.tensor([u]), temperature, top_k, top_p)
+    assert int(oracle_token) == expected
+    assert abs(float(oracle_logprob) - ref_logprob) < 1e-12
+
+
+@pytest.mark.parametrize("settings", [(1.0, 0, 1.0), (0.7, 0, 0.9), (1.3, 20, 1.0), (1.0, 5, 0.5), (0.0, 0, 1.0),
+                                      (2.0, 300, 0.95)])
+def test_sampling_rule_random_logits(settings):
+    temperature, top_k, top_p = settings
+    gen = torch.Generator().manual_seed(40)
+    for V in (7, 256):
+        logits = torch.randn(200, V, generator=gen) * 3
+        logits[:20, :3] = logits[:20, 3:6]  # some exact ties
+        u = torch.rand(200, generator=gen, dtype=torch.float64)
+        tokens, logprobs = sample(logits, u, temperature, top_k, top_p)
+        for b in range(logits.shape[0]):
+            ref_token, ref_logprob = sample_rule(logits[b].tolist(), float(u[b]), temperature, top_k, top_p)
+            assert int(tokens[b]) == ref_token and float(logprobs[b]) == ref_logprob
+        oracle_tokens, oracle_logprobs = sample_oracle(logits, u, temperature, top_k, top_p)
+        assert torch.equal(tokens, oracle_tokens)
+        assert torch.allclose(logprobs, oracle_logprobs, rtol=0, atol=1e-12)
+
+
+def test_generate_sampling_matches_eager_loop_and_is_reproducible():
+    model = make_model("tiny", "dplr", trained=True, seed=50)
+    B, n = 3, 512
+    settings = {"temperature": 0.9, "top_k": 50, "top_p": 0.9}
+    uniforms = torch.rand(B, n, generator=torch.Generator().manual_seed(51), dtype=torch.float64)
+    first = torch.full((B,), 128)
+    with torch.no_grad():
+        model.setup_step()
+        state, token = model.default_state(B), first
+        eager_tokens, eager_logprobs = [], []
+        with torch_threads(1):
+            for t in range(n):
+                logits, state = model.step(token, state)
+                token, logprob = sample_oracle(logits, uniforms[:, t], **settings)
+                eager_tokens.append(token)
+                eager_logprobs.append(logprob)
+        eager_tokens, eager_logprobs = torch.stack(eager_tokens, 1), torch.stack(eager_logprobs, 1)
+        stepper = FastStepper(model, B)
+        tokens, logprobs = stepper.generate(first, uniforms, **settings)
+        assert torch.equal(tokens, eager_tokens)
+        assert (logprobs - eager_logprobs).abs().max() < 1e-4
+        # same uniforms -> same tokens; chunked generation == one call
+        stepper.reset()
+        again, _ = stepper.generate(first, uniforms, **settings)
+        stepper.reset()
+        part1, _ = stepper.generate(first, uniforms[:, :200], **settings)
+        part2, _ = stepper.generate(part1[:, -1], uniforms[:, 200:], **settings)
+    assert torch.equal(again, tokens) and torch.equal(torch.cat([part1, part2], 1), tokens)
+    assert len(set(tokens[0].tolist())) > 10  # it did sample
+
+
+def test_generate_bad_settings():
+    model = make_model("tiny", "diag", trained=False, seed=52)
+    model.setup_step()
+    stepper = FastStepper(model, 2)
+    first, u = torch.zeros(2, dtype=torch.long), torch.rand(2, 5)
+    for kwargs, match in (({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"),
+                          ({"top_k": -1}, "top_k")):
+        with pytest.raises(ValueError, match=match):
+            stepper.generate(first, u, **kwargs)
+    with pytest.raises(ValueError, match="uniforms"):
+        stepper.generate(first, torch.rand(3, 5))
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        stepper.generate(first, u + 1)
+    tokens, logprobs = stepper.generate(first, torch.rand(2, 0))
+    assert tokens.shape == (2, 0) and logprobs.shape == (2, 0)
+
+
+# ----------------------------------------------------------------------------- refusals
+
+def test_unsupported_models_are_refused():
+    def fresh(**kwargs):
+        torch.manual_seed(60)
+        return build_model("tiny", d_model=16, n_layers=1, d_state=4, backend=BACKEND, **kwargs).eval()
+
+    ok, reason = fast_path_status(fresh())
+    assert not ok and "setup_step" in reason  # not prepared yet
+    with pytest.raises(FastPathUnavailable, match="setup_step"):
+        FastStepper(fresh(), 1)
+
+    model = fresh()
+    model.setup_step(mode="dense")
+    with pytest.raises(FastPathUnavailable, match="linear"):
+        FastStepper(model, 1)
+
+    model = fresh().double()
+    model.setup_step()
+    with pytest.raises(FastPathUnavailable, match="float32"):
+        FastStepper(model, 1)
+
+    model = fresh(dropout=0.1).train()
+    model.setup_step()
+    with pytest.raises(FastPathUnavailable, match="eval"):
+        FastStepper(model, 1)
+
+    class TwoChannels(ModelConfig):
+        def s4_kwargs(self):
+            return {**super().s4_kwargs(), "channels": 2}
+
+    torch.manual_seed(61)
+    model = WaveformAR(TwoChannels(d_model=16, n_layers=1, d_state=4)).eval()
+    model.setup_step()
+    model.step(torch.zeros(1, dtype=torch.long), model.default_state(1))  # eager works
+    ok, reason = fast_path_status(model)
+    assert not ok and "channels=1" in reason
+    with pytest.raises(FastPathUnavailable, match="channels"):
+        FastStepper(model, 1)
+
+    model = fresh()
+    model.setup_step()
+    assert fast_path_status(model)[0]
+    with pytest.raises(ValueError, match="batch_size"):
+        FastStepper(model, 0)
+
+
+def test_missing_compiler_is_a_clear_error(tmp_path):
+    code = ("import torch\nfrom sashimi import build_model\n"
+            "from sashimi.fast_step import FastStepper, FastPathUnavailable, fast_path_status\n"
+            "m = build_model('tiny', d_model=16, n_layers=1, d_state=4, backend='naive').eval(); m.setup_step()\n"
+            "print(fast_path_status(m))\n"
+            "try:\n    FastStepper(m, 1)\nexcept FastPathUnavailable as e:\n    print('UNAVAILABLE', e)\n")
+    env = {**os.environ, "CXX": "/nonexistent/c++", "S4LIB_CACHE": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "(False," in out.stdout and "UNAVAILABLE" in out.stdout and "compiler" in out.stdout
