@@ -707,12 +707,14 @@ def _train(cfg: TrainConfig, procs: Processes) -> dict:
                                 "audio_samples_per_s": window_clips * model_config.sample_len / seconds,
                                 "nonfinite_steps": nonfinite_total})
                 window_bits, window_steps, window_clips, t_window = 0.0, 0, 0, time.time()
+            t_pause = time.time()  # validation and checkpoints do not count against samples_per_s
             if step % cfg.val_every == 0 or step == cfg.max_steps:
                 run_validation()
             healthy = consecutive_nonfinite == 0  # never overwrite last.pt in the middle of a bad streak
             saved = healthy and (step % cfg.ckpt_every == 0 or step == cfg.max_steps)
             if saved:
                 save_checkpoint(last_path)
+            t_window += time.time() - t_pause
 
             # SIGINT/SIGTERM: every process stops after the same step
             if procs.all_sum([1.0 if stop.signal else 0.0])[0] > 0:
