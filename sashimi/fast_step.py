@@ -49,6 +49,8 @@ uniforms[:, t], and feeds it back; afterwards the state has consumed first and t
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 
@@ -262,14 +264,29 @@ def _norm(norm: nn.LayerNorm, Hp: int):
 
 # ------------------------------------------------------------------------------------------- engine
 
+def _plain_tensors(method):
+    """Run with autograd and inference mode off: the engine's tensors are updated in place later,
+    which inference tensors (made under torch.inference_mode) would refuse."""
+
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        with torch.inference_mode(False), torch.no_grad():
+            return method(*args, **kwargs)
+
+    return wrapper
+
+
 class FastStepper:
     """The fused recurrent step of a WaveformAR for `batch_size` sequences (CPU, float32).
 
     Build after `model.setup_step()` (and again after the parameters change). The state starts
     as `model.default_state(batch_size)`; see the module docstring for the sampling rule.
     Raises FastPathUnavailable when the engine cannot serve the model or cannot be built.
+    One stepper serves one caller at a time (it is not thread-safe); the engine itself splits a
+    batch over torch.get_num_threads() threads.
     """
 
+    @_plain_tensors
     def __init__(self, model: WaveformAR, batch_size: int):
         reason = unsupported_reason(model)
         if reason:
@@ -286,31 +303,30 @@ class FastStepper:
         self.pool = tuple(backbone.pool)
         self.widths = list(backbone.widths)
         padded = [_pad(h) for h in self.widths]
-        with torch.no_grad():
-            embedding = torch.zeros(V, padded[0])
-            embedding[:, : self.widths[0]] = model.embedding.weight.detach().to(torch.float32)
-            engine = ext.Engine(B, V, embedding.contiguous())
-            self._buffers, self._pending = [], []
-            for i, p in enumerate(self.pool):
-                down_w, down_b = _pack_linear(backbone.down_pools[i].linear, in_groups=p)
-                up_w, up_b = _pack_linear(backbone.up_pools[i].linear, out_groups=p)
-                buffer = torch.zeros(B, p, padded[i])
-                pending = torch.zeros(B, p * padded[i])
-                engine.add_level(p, self.widths[i], down_w, down_b, up_w, up_b, buffer, pending)
-                self._buffers.append(buffer)
-                self._pending.append(pending)
-            engine.set_center(self.widths[-1])
-            # per group: list of S4 state tensors (None for FF blocks), in the state dict's order
-            self._states = {"down": [], "center": [], "up": []}
-            for i in range(len(self.pool)):
-                self._states["down"].append(self._add_blocks(engine, 0, i, backbone.down_blocks[i], padded[i], B))
-            for i in range(len(self.pool)):
-                self._states["up"].append(self._add_blocks(engine, 1, i, backbone.up_blocks[i], padded[i], B))
-            self._states["center"] = self._add_blocks(engine, 1, len(self.pool), backbone.center_blocks,
-                                                      padded[-1], B)
-            head_w, head_b = _pack_linear(model.head)
-            engine.set_head(*_norm(model.norm, padded[0]), head_w, head_b)
-            engine.finalize()
+        embedding = torch.zeros(V, padded[0])
+        embedding[:, : self.widths[0]] = model.embedding.weight.detach().to(torch.float32)
+        engine = ext.Engine(B, V, embedding.contiguous())
+        self._buffers, self._pending = [], []
+        for i, p in enumerate(self.pool):
+            down_w, down_b = _pack_linear(backbone.down_pools[i].linear, in_groups=p)
+            up_w, up_b = _pack_linear(backbone.up_pools[i].linear, out_groups=p)
+            buffer = torch.zeros(B, p, padded[i])
+            pending = torch.zeros(B, p * padded[i])
+            engine.add_level(p, self.widths[i], down_w, down_b, up_w, up_b, buffer, pending)
+            self._buffers.append(buffer)
+            self._pending.append(pending)
+        engine.set_center(self.widths[-1])
+        # per group: list of S4 state tensors (None for FF blocks), in the state dict's order
+        self._states = {"down": [], "center": [], "up": []}
+        for i in range(len(self.pool)):
+            self._states["down"].append(self._add_blocks(engine, 0, i, backbone.down_blocks[i], padded[i], B))
+        for i in range(len(self.pool)):
+            self._states["up"].append(self._add_blocks(engine, 1, i, backbone.up_blocks[i], padded[i], B))
+        self._states["center"] = self._add_blocks(engine, 1, len(self.pool), backbone.center_blocks,
+                                                  padded[-1], B)
+        head_w, head_b = _pack_linear(model.head)
+        engine.set_head(*_norm(model.norm, padded[0]), head_w, head_b)
+        engine.finalize()
         self._engine = engine
         self._ext = ext
 
@@ -338,6 +354,7 @@ class FastStepper:
         return states
 
     # ------------------------------------------------------------------------------------ state
+    @_plain_tensors
     def reset(self) -> None:
         """Back to model.default_state(batch_size): zero states, empty pooling buffers."""
         for group in self._states["down"] + self._states["up"] + [self._states["center"]]:
@@ -361,6 +378,7 @@ class FastStepper:
                 out.append(x.permute(0, 1, 3, 2).reshape(B, T * _VECTOR, n)[:, :H].contiguous())
         return out
 
+    @_plain_tensors
     def get_state(self) -> dict:
         """A copy of the state in WaveformAR.default_state's format (continues in model.step)."""
         B, phases = self.batch_size, self._engine.phases()
@@ -374,6 +392,7 @@ class FastStepper:
         state["center"] = self._complex_states([(e, self.widths[-1]) for e in self._states["center"]])
         return state
 
+    @_plain_tensors
     def set_state(self, state: dict) -> None:
         """Load a state in WaveformAR.default_state's format (e.g. after model.prefill)."""
         B = self.batch_size
@@ -439,6 +458,7 @@ class FastStepper:
                              f"[{int(tokens.min())}, {int(tokens.max())}]")
         return tokens
 
+    @_plain_tensors
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B,) integer levels -> logits (B, n_classes) float32; the state advances one step."""
         tokens = self._tokens(tokens)
@@ -446,6 +466,7 @@ class FastStepper:
         self._engine.step(tokens, logits)
         return logits
 
+    @_plain_tensors
     def generate(self, first_tokens: torch.Tensor, uniforms: torch.Tensor, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0):
         """Sample uniforms.shape[1] tokens per row: (tokens (B, n) int64, logprobs (B, n) float64).

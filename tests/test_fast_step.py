@@ -412,3 +412,20 @@ def test_missing_compiler_is_a_clear_error(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "(False," in out.stdout and "UNAVAILABLE" in out.stdout and "compiler" in out.stdout
+
+
+def test_inference_mode():
+    """A stepper made under torch.inference_mode keeps working outside it (and vice versa)."""
+    model = make_model("tiny", "dplr", trained=False, seed=70)
+    model.setup_step()
+    tokens = torch.randint(0, 256, (2, 40))
+    with torch.inference_mode():
+        stepper = FastStepper(model, 2)
+        _, state = model.prefill(tokens[:, :37], model.default_state(2))
+        stepper.set_state(state)
+        inside = stepper.step(tokens[:, 37])
+        saved = stepper.get_state()
+    stepper.set_state(saved)
+    stepper.set_state(state)
+    assert torch.equal(stepper.step(tokens[:, 37]), inside)
+    stepper.generate(tokens[:, 38], torch.rand(2, 3))
