@@ -34,8 +34,10 @@ sums taken sequentially in the order stated:
    (Mathematically: renormalise over the kept set, pick the first index in sorted order whose
    cumulative probability exceeds u.)
 
-An implementation that sums in another order agrees except when u lies within round-off
-(~1e-16 relative) of a cumulative boundary.
+`sashimi.sampling.sample` implements the same rule with torch ops (the eager path's sampler);
+an implementation that sums in another order agrees except when u lies within round-off
+(~1e-16 relative) of a cumulative boundary. Non-finite logits give an arbitrary token and a
+NaN log-probability.
 
 generate(first, uniforms (B, n)) feeds `first` (B,), samples token t of each row with
 uniforms[:, t], and feeds it back; afterwards the state has consumed first and tokens[:, :-1]
