@@ -72,10 +72,14 @@ def _writable(folder: str) -> bool:
 
 
 def _reduce(name: str, *args: torch.Tensor) -> torch.Tensor:
-    """Run reduction `name` over j on real tensors (B, I or J, dim); returns (B, I, 2)."""
+    """Run reduction `name` over j on real tensors (B or 1, I or J, dim); returns (B, I, 2).
+
+    A batch dimension of 1 broadcasts (KeOps supports it), so shared inputs are not copied B times.
+    """
     dtype = args[0].dtype
     if any(a.numel() == 0 for a in args):  # KeOps rejects empty arrays; an empty sum is zero
-        return args[0].new_zeros(*args[0].shape[:-1], 2)
+        batch = torch.broadcast_shapes(*(a.shape[:-2] for a in args))
+        return args[0].new_zeros(*batch, args[0].shape[-2], 2)
     pykeops = _pykeops()
     on_cpu = args[0].device.type == "cpu"
     if on_cpu and dtype == torch.float32:
@@ -83,14 +87,13 @@ def _reduce(name: str, *args: torch.Tensor) -> torch.Tensor:
     key = (name, args[0].dtype)
     if key not in _reductions:
         formula, aliases = _FORMULAS[name]
-        # Kahan summation: sums over L run to thousands of terms; it costs nothing measurable here.
+        # Kahan summation: sums over L run to thousands of terms (it matters for float32 on GPU).
         _reductions[key] = pykeops.torch.Genred(formula, list(aliases), reduction_op="Sum", axis=1,
                                                 sum_scheme="kahan_scheme")
     backend = "CPU" if on_cpu else "GPU"
     device_id = -1 if args[0].device.index is None else args[0].device.index
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            out = _reductions[key](*[a.contiguous() for a in args], backend=backend, device_id=device_id)
+        out = _reductions[key](*[a.contiguous() for a in args], backend=backend, device_id=device_id)
     except Exception as e:
         _state["compile_error"] = f"KeOps reduction {name} ({key[1]}, {backend}) failed: {type(e).__name__}: {e}"
         raise
@@ -121,8 +124,7 @@ class _Cauchy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, v, z, w):
         ctx.save_for_backward(v, z, w)
-        zb = z.expand(v.shape[0], -1)
-        return _cauchy_sum("cauchy1", zb, _stacked_conj(w), _stacked_conj(v))
+        return _cauchy_sum("cauchy1", z.unsqueeze(0), _stacked_conj(w), _stacked_conj(v))
 
     @staticmethod
     @once_differentiable
@@ -133,7 +135,7 @@ class _Cauchy(torch.autograd.Function):
         need_v, need_z, need_w = ctx.needs_input_grad
         N = v.shape[-1]
         W, V = _stacked_conj(w), _stacked_conj(v)
-        zb = z.expand(v.shape[0], -1)
+        zb = z.unsqueeze(0)  # (1, L): broadcast over the batch
         gbar = g.conj_physical()
         grad_v = grad_z = grad_w = None
         if need_v:
@@ -168,8 +170,8 @@ def _vandermonde(t_i, x_i, t_j, x_j, a):
 def _eval_impl(a: torch.Tensor, x: torch.Tensor, L: int, real_part: bool) -> torch.Tensor:
     B, M, N = a.shape
     a2, x2 = _fold(a, x)
-    t = _positions(L, x).expand(B * M, L)
-    y = _vandermonde(t, x2.new_zeros(B * M, L), t.new_zeros(B * M, N), x2, a2).reshape(B, M, L)
+    t = _positions(L, x).unsqueeze(0)  # (1, L): broadcast over the batch, like the zeros
+    y = _vandermonde(t, x2.new_zeros(1, L), t.new_zeros(1, N), x2, a2).reshape(B, M, L)
     return y.real.contiguous() if real_part else y
 
 
@@ -179,8 +181,8 @@ def _sum_impl(u: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     u2, x2 = _fold(u, x)
     if not u2.is_complex():
         u2 = torch.complex(u2, torch.zeros_like(u2))
-    t = _positions(L, x).expand(B * M, L)
-    return _vandermonde(t.new_zeros(B * M, N), x2, t, x2.new_zeros(B * M, L), u2).reshape(B, M, N)
+    t = _positions(L, x).unsqueeze(0)  # (1, L): broadcast over the batch, like the zeros
+    return _vandermonde(t.new_zeros(1, N), x2, t, x2.new_zeros(1, L), u2).reshape(B, M, N)
 
 
 _VandermondeEval, _VandermondeSum = vandermonde_functions(_eval_impl, _sum_impl)
