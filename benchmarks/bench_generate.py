@@ -195,25 +195,31 @@ def main():
                 print(f"  fast path unavailable: {e}")
                 continue
             rate, cpu_rate = statistics.median(rates), statistics.median(cpu_rates)
+            threads = 1 if path == "eager" else min(batch_size, torch.get_num_threads())
             rows.append((name, batch_size, path, steps, rate, rate / model.config.sample_rate, cpu_rate,
-                         flops * rate / 1e9, 100 * flops * rate / 1e9 / peak))
+                         rate / cpu_rate, threads * cpu_rate, flops * rate / 1e9, 100 * flops * rate / 1e9 / peak))
             print(f"  {name} batch {batch_size} {path}: {rate:,.0f} samples/s (runs: "
                   f"{', '.join(f'{r:,.0f}' for r in rates)})")
 
     print("\n| model | batch | path | steps/run | samples/s (median) | real-time factor @16 kHz | "
-          "samples per CPU-second | GFLOP/s | % of peak |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name, batch_size, path, steps, rate, rtf, cpu_rate, gflops, frac in rows:
+          "samples per CPU-second | CPUs we got | idle-machine estimate | GFLOP/s | % of peak |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, batch_size, path, steps, rate, rtf, cpu_rate, cpus, idle, gflops, frac in rows:
         print(f"| {name} | {batch_size} | {path} | {steps} | {rate:,.0f} | {rtf:.2f}x | {cpu_rate:,.0f} | "
-              f"{gflops:.1f} | {frac:.1f}% |")
+              f"{cpus:.2f} | {idle:,.0f} | {gflops:.1f} | {frac:.1f}% |")
+    print("\n(samples per CPU-second counts the CPU time of all threads; 'CPUs we got' = wall rate / that;\n"
+          " idle-machine estimate = samples per CPU-second x threads the path uses: what the run would give\n"
+          " with its threads on otherwise idle cores; GFLOP/s and % of peak use the measured wall rate.)")
     by = {(r[0], r[1], r[2]): r[4] for r in rows}
+    idle = {(r[0], r[1], r[2]): r[8] for r in rows}
     print()
     for (name, batch_size), goal in ((("sc09-2layer", 1), 16000), (("sc09", 1), 4000), (("sc09", 16), 32000)):
         fast, eager = by.get((name, batch_size, "fast")), by.get((name, batch_size, "eager"))
         speedup = f", {fast / eager:.0f}x eager" if fast and eager else ""
         status = "n/a" if fast is None else ("met" if fast >= goal else "NOT met")
+        estimate = idle.get((name, batch_size, "fast"))
         print(f"goal {name} batch {batch_size} >= {goal:,} samples/s: {status}"
-              f"{f' ({fast:,.0f}{speedup})' if fast else ''}")
+              f"{f' ({fast:,.0f}{speedup}; idle-machine estimate {estimate:,.0f})' if fast else ''}")
 
 
 if __name__ == "__main__":

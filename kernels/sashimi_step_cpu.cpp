@@ -478,7 +478,7 @@ class Engine {
     TORCH_CHECK(kind == kDiag || (rank >= 1 && rank <= 4), "sashimi_step: DPLR rank must be in 1..4, got ", rank);
     blk.kind = kind, blk.rank = kind == kDPLR ? rank : 0;
     const int64_t tiles = lv.Hp / VL;
-    blk.planes = kind == kDiag ? kDiagPlanes : kRank0 + kPerRank * rank;
+    blk.planes = kind == kDiag ? (int64_t)kDiagPlanes : kRank0 + kPerRank * rank;
     blk.chans = kind == kDiag ? 1 : 2 * rank * rank + rank + 1;
     check(ssm, "ssm", 4);
     TORCH_CHECK(ssm.size(0) == tiles && ssm.size(2) == blk.planes && ssm.size(3) == VL, "sashimi_step: ssm must be (",
