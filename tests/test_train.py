@@ -134,6 +134,35 @@ def test_evaluate_matches_validation_and_writes_json(learned_run, tmp_path):
     assert 0 < written["nll_bits_per_sample"] < LEARNED_VAL_BITS_MAX + 0.5
 
 
+def test_evaluate_covers_the_whole_split_without_padding(learned_run, tmp_path):
+    import numpy as np
+    import soundfile as sf
+
+    from sashimi.data import make_dataset
+    from sashimi.model import nll_bits
+    from sashimi.train import model_from_checkpoint
+
+    out, _, _ = learned_run
+    rng = np.random.default_rng(0)
+    for i in range(12):  # clips of 0.05-0.2 s: chunks of 512 with padded tails
+        n = int(rng.integers(800, 3200))
+        tone = 0.3 * np.sin(2 * np.pi * (200 + 50 * i) * np.arange(n) / 16000)
+        sf.write(tmp_path / f"clip{i:02d}.wav", tone.astype(np.float32), 16000)
+    result = evaluate(str(out / "last.pt"), str(tmp_path), split="test", batch_size=3, progress=False)
+
+    dataset = make_dataset(str(tmp_path), "test", sample_rate=16000, sample_len=512)
+    masks = [dataset[i]["mask"] for i in range(len(dataset))]
+    assert result["n_items"] == len(dataset) > 0 and not all(m.all() for m in masks)  # some padding
+    assert result["n_samples"] == sum(int(m.sum()) for m in masks)
+    model = model_from_checkpoint(load_checkpoint(str(out / "last.pt"))).eval()
+    total = 0.0
+    with torch.no_grad():
+        for i in range(len(dataset)):
+            item = dataset[i]
+            total += float(nll_bits(model(item["x"][None]), item["y"][None], item["mask"][None])[0])
+    assert result["nll_bits_per_sample"] == pytest.approx(total / result["n_samples"], rel=1e-5)
+
+
 # --------------------------------------------------------------------------------------------- resume
 
 
