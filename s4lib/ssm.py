@@ -396,7 +396,10 @@ class SSMKernelDPLR(SSMKernel):
         z, scale, has_minus_one = bilinear_nodes(discrete_L, v.dtype, v.device)
         r = ops.cauchy(v, z, dt * Lambda, backend=self.backend)  # (C + r, S + 1 + r, H, L')
         ch, m = self.channels, n_state + 1
-        k00, k01, k10, k11 = r[:ch, :m], r[:ch, m:], r[ch:, :m], r[ch:, m:]
+        # split (not slicing): its backward concatenates instead of filling zeros of r's size per slice
+        r_C, r_Q = r.split([ch, self.rank], dim=0)
+        k00, k01 = r_C.split([m, self.rank], dim=1)
+        k10, k11 = r_Q.split([m, self.rank], dim=1)
         if self.rank == 1:
             k = k00 - k01 * k10 / (1 + k11)
         else:
