@@ -170,9 +170,11 @@ def _tables(x: torch.Tensor, L: int, C: int):
 
 
 def _vandermonde_batch_slices(B: int, M: int, N: int, L: int, C: int, itemsize: int, device):
-    """Batch slices so that one slice's tables and matmul operands stay near the chunk budget."""
+    """Batch slices so that the largest intermediate of a slice (a float64 table, the matmul
+    operand A or its product) stays within CHUNK_BYTES. Few large slices: every torch op costs a
+    thread synchronisation, which is slow on a busy machine."""
     n_blocks = -(-L // C)
-    per_row = itemsize * (4 * N * (C + n_blocks) + 4 * M * n_blocks * (N + C))
+    per_row = itemsize * max(2 * N * (C + n_blocks), 2 * M * n_blocks * (N + C))
     Bc = max(1, min(B, CHUNK_BYTES // max(1, per_row)))
     return [slice(b0, b0 + Bc) for b0 in range(0, B, Bc)]
 
