@@ -24,6 +24,8 @@ from s4lib.ops.reference import cauchy_ref, log_vandermonde_ref, log_vandermonde
 OWN_BACKENDS = ("naive", "chunked", "keops")
 BACKENDS = list(OWN_BACKENDS) + [name for name in ops.available_backends() if name not in OWN_BACKENDS]
 C64, C128 = torch.complex64, torch.complex128
+ORACLES = {"cauchy": cauchy_ref, "log_vandermonde": log_vandermonde_ref,
+           "log_vandermonde_transpose": log_vandermonde_transpose_ref}
 
 
 @pytest.fixture(params=BACKENDS, scope="module")
@@ -223,10 +225,6 @@ def s4d_parameters(H=8, N=32, init="inv", seed=0):
     return C * (torch.exp(x) - 1) / Lambda, x, dt
 
 
-ORACLES = {"cauchy": cauchy_ref, "log_vandermonde": log_vandermonde_ref,
-           "log_vandermonde_transpose": log_vandermonde_transpose_ref}
-
-
 def float32_errors(name, op, inputs32, args, cotangent):
     """Max relative errors (output, then each input's gradient) of a float32 run against the
     float64 oracle on the same (float32-representable) inputs. name=None runs the oracle in float32."""
@@ -278,6 +276,28 @@ def test_chunked_float32_round_off(op):
     inputs, args, cotangent = float32_case(op)
     errors = float32_errors("chunked", op, inputs, args, cotangent)
     assert max(errors) < 1e-6, errors
+
+
+@pytest.mark.parametrize("budget", [1, 700, 5000])
+def test_chunked_many_tiles(monkeypatch, budget):
+    """Tiny byte budgets force ragged tiles over batch and L (and one-row Vandermonde slices)."""
+    from s4lib.ops import chunked
+    monkeypatch.setattr(chunked, "CHUNK_BYTES", budget)
+    monkeypatch.setattr(chunked, "CAUCHY_TILE_BYTES_CPU", budget)
+    gen = torch.Generator().manual_seed(budget)
+    B, N, L = 5, 3, 37
+    v = rand_complex(gen, (B, N)).requires_grad_()
+    w = rand_poles(gen, (B, N)).requires_grad_()
+    x = rand_exponents(gen, (B, N)).requires_grad_()
+    z = rand_complex(gen, (L,)).requires_grad_()
+    u = torch.randn(B, L, generator=gen, dtype=torch.float64).requires_grad_()
+    for op, inputs, args in [("cauchy", (v, z, w), ()), ("log_vandermonde", (v, x), (L,)),
+                             ("log_vandermonde_transpose", (u, v, x), (L,))]:
+        out, ref = run(op, "chunked", *inputs, *args), ORACLES[op](*inputs, *args)
+        assert max_rel_err(out, ref) < TOL64, op
+        g = rand_complex(gen, ref.shape) if ref.is_complex() else torch.randn(ref.shape, generator=gen, dtype=ref.dtype)
+        for got, want in zip(grads(out, inputs, g), grads(ref, inputs, g)):
+            assert max_rel_err(got, want) < TOL64, op
 
 
 # ----------------------------------------------------------------------------------------------
