@@ -194,7 +194,8 @@ def resolve_model_config(cfg: TrainConfig) -> ModelConfig:
 
 
 def _config_diff(saved: dict, wanted: dict) -> list[str]:
-    keys = sorted(set(saved) | set(wanted))
+    # 'backend' picks how kernels are computed, not what the model is: a run may resume on another one
+    keys = sorted((set(saved) | set(wanted)) - {"backend"})
     norm = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731  (JSON turns tuples into lists)
     return [f"{k}: checkpoint {saved.get(k)!r} vs requested {wanted.get(k)!r}"
             for k in keys if norm(saved.get(k)) != norm(wanted.get(k))]
