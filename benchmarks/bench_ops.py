@@ -103,7 +103,8 @@ def run_case(args, op: str, backend: str) -> dict:
            "--H", str(args.H), "--N2", str(args.N2), "--L-cauchy", str(args.L_cauchy),
            "--L-vandermonde", str(args.L_vandermonde), "--repeats", str(args.repeats),
            "--threads", str(args.threads), "--dtype", args.dtype]
-    result = subprocess.run(cmd, capture_output=True, text=True)
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE") if args.omp_passive else None
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
     if result.returncode != 0 or not lines:
         tail = (result.stderr.strip().splitlines() or ["no output"])[-1]
@@ -123,6 +124,9 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per case (after one warm-up)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    parser.add_argument("--omp-passive", action="store_true",
+                        help="run the cases with OMP_WAIT_POLICY=PASSIVE: on a machine busy with other jobs, "
+                             "spinning OpenMP threads make every torch op cost a scheduler time slice")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--op", help=argparse.SUPPRESS)
     parser.add_argument("--backend", help=argparse.SUPPRESS)
@@ -138,6 +142,7 @@ def main(argv=None) -> None:
     if "naive" not in backends:
         backends = ["naive"] + backends
     print(f"kernel ops, forward+backward, {args.dtype}, H={args.H}, N/2={args.N2}, threads={args.threads}, "
+          f"{'OMP_WAIT_POLICY=PASSIVE, ' if args.omp_passive else ''}"
           f"median of {args.repeats} after 1 warm-up; load average before: "
           f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     header = (f"{'op':16s} {'L':>6s} {'backend':8s} {'fwd+bwd s':>10s} {'fwd s':>8s} {'cpu s':>8s} "

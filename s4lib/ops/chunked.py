@@ -37,14 +37,18 @@ from torch.autograd.function import once_differentiable
 # Bound on the bytes of any one intermediate (a tile, a table, a matmul operand); the peak
 # extra memory of an op is a small multiple of it plus its inputs and outputs.
 CHUNK_BYTES = 32 << 20
-# The Cauchy tile on CPU is much smaller than the bound: a tile that stays in L2 cache ran the
-# Cauchy product about 3x faster than a 32 MiB one on the project machine. GPUs take the bound.
+# The Cauchy tile on CPU is much smaller than the bound, per intra-op thread: a tile whose share
+# stays in a core's L2 cache ran the Cauchy product about 3x faster than a 32 MiB one on the
+# project machine. GPUs take the bound.
 CAUCHY_TILE_BYTES_CPU = 2 << 20
 
 
 def _tiles(B: int, L: int, bytes_per_cell: int, device: torch.device, max_l: int = 512):
     """(batch slice, length slice) pairs covering (B, L), each tile about the tile budget."""
-    budget = CAUCHY_TILE_BYTES_CPU if device.type == "cpu" else CHUNK_BYTES
+    if device.type == "cpu":
+        budget = min(CHUNK_BYTES, CAUCHY_TILE_BYTES_CPU * torch.get_num_threads())
+    else:
+        budget = CHUNK_BYTES
     cells = max(1, budget // max(1, bytes_per_cell))
     Lc = max(1, min(L, max_l, cells))
     Bc = max(1, min(B, cells // Lc))
