@@ -509,3 +509,16 @@ def test_length_below_one_or_not_an_int_is_a_value_error(L):
         ops.log_vandermonde(v, w, L)
     with pytest.raises(ValueError):
         ops.log_vandermonde_transpose(torch.zeros(2, 4, dtype=torch.float64), v, w, L)
+
+
+def test_empty_state_dimension_and_nodes_are_rejected():
+    v = torch.zeros(3, 0, dtype=torch.complex64)
+    with pytest.raises(ValueError, match="N >= 1"):
+        ops.cauchy(v, torch.ones(4, dtype=torch.complex64), v)
+    with pytest.raises(ValueError, match="N >= 1"):
+        ops.log_vandermonde(v, v, 5)
+    with pytest.raises(ValueError, match="N >= 1"):
+        ops.log_vandermonde_transpose(torch.zeros(3, 5), v, v, 5)
+    w = torch.ones(3, 2, dtype=torch.complex64)
+    with pytest.raises(ValueError, match="L >= 1"):
+        ops.cauchy(w, torch.zeros(0, dtype=torch.complex64), w)

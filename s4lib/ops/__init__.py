@@ -58,6 +58,9 @@ def _broadcast_flat(a, b, names):
         raise ValueError(f"batch dimensions of {names[0]} {tuple(a.shape)} and {names[1]} {tuple(b.shape)} "
                          f"do not broadcast") from None
     N = a.shape[-1]
+    if N < 1:
+        raise ValueError(f"{names[0]} and {names[1]} need a state dimension N >= 1, got shapes "
+                         f"{tuple(a.shape)} and {tuple(b.shape)}")
     a = a.expand(*batch, N).reshape(-1, N).contiguous()
     b = b.expand(*batch, N).reshape(-1, N).contiguous()
     return a, b, batch
@@ -73,8 +76,8 @@ def cauchy(v: torch.Tensor, z: torch.Tensor, w: torch.Tensor, backend: str | Non
     _check_complex("v", v)
     _check_complex("w", w)
     _check_complex("z", z)
-    if z.dim() != 1:
-        raise ValueError(f"z must be 1-D (L,), got shape {tuple(z.shape)}")
+    if z.dim() != 1 or z.shape[0] < 1:
+        raise ValueError(f"z must be 1-D (L,) with L >= 1 nodes, got shape {tuple(z.shape)}")
     _check_same(("v", "z", "w"), (v, z, w))
     v2, w2, batch = _broadcast_flat(v, w, ("v", "w"))
     z = z.contiguous()
@@ -113,6 +116,8 @@ def log_vandermonde_transpose(u: torch.Tensor, v: torch.Tensor, x: torch.Tensor,
         raise ValueError(f"u and v must be on one device, got {u.device} and {v.device}")
     u = u.to(v.real.dtype)
     N = v.shape[-1]
+    if N < 1:
+        raise ValueError(f"v and x need a state dimension N >= 1, got shape {tuple(v.shape)}")
     if x.shape[-1] != N:
         raise ValueError(f"v and x must have the same last dimension N, got {tuple(v.shape)} and {tuple(x.shape)}")
     try:
