@@ -12,8 +12,10 @@ The last columns compare with state-spaces/s4's SaShiMi measured on this machine
 (batch 1, 2 threads):
 2 layers 16.8 s/step and 6.9 GB; 8 layers (sc09) 83.6 s/step and 11.0 GB. "speedup" is our
 samples/s over the reference's; "RSS ratio" our peak RSS over the reference's (at its batch 1).
-"load" is the machine's 1-minute load average when the case ended: above the thread count, other
-processes were competing for the cores and the times are pessimistic.
+"load" is the machine's 1-minute load average when the case ended: above the core count, other
+processes compete for the cores, and with 2 threads PyTorch's OpenMP barriers then wait on
+descheduled threads (seen here: 30-70x slower steps at load 3 on 2 cores). On a shared machine
+use --threads 1, or set OMP_WAIT_POLICY=PASSIVE, and read the load column.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # reference SaShiMi (state-spaces/s4), batch 1, one 16000-sample clip, AdamW step, 2 threads
@@ -56,23 +59,28 @@ def run_case(preset: str, batch_size: int, steps: int, warmup: int, sample_len: 
     mask = torch.ones(batch_size, sample_len, dtype=torch.bool)
     micro = micro_batch or batch_size
     times, cpu_times = [], []
-    for i in range(warmup + steps):
-        start, cpu_start = time.perf_counter(), time.process_time()
-        for chunk in range(0, batch_size, micro):
-            part = slice(chunk, chunk + micro)
-            bits, count = nll_bits(model(x[part]), y[part], mask[part])
-            (bits * 0.6931471805599453 / mask.sum()).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-            cpu_times.append(time.process_time() - cpu_start)
+    with warnings.catch_warnings(record=True) as caught:  # kernel-backend fallbacks would explain slow cases
+        warnings.simplefilter("always")
+        for i in range(warmup + steps):
+            start, cpu_start = time.perf_counter(), time.process_time()
+            for chunk in range(0, batch_size, micro):
+                part = slice(chunk, chunk + micro)
+                bits, count = nll_bits(model(x[part]), y[part], mask[part])
+                (bits * 0.6931471805599453 / mask.sum()).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+                cpu_times.append(time.process_time() - cpu_start)
     rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
+    from s4lib.ops.dispatch import available_backends
+
     return {"preset": preset, "batch_size": batch_size, "micro_batch": micro, "params": count_parameters(model),
             "step_times": times, "median_s": statistics.median(times), "median_cpu_s": statistics.median(cpu_times),
-            "peak_rss_gb": rss_kb / 1e6,
-            "load_average": os.getloadavg()[0]}
+            "peak_rss_gb": rss_kb / 1e6, "load_average": os.getloadavg()[0],
+            "backends": available_backends(),
+            "fallbacks": sorted({str(w.message) for w in caught if "kernel backend" in str(w.message)})}
 
 
 def main() -> None:
@@ -100,6 +108,7 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONWARNINGS="ignore")
+    notes = []
     for case in args.cases:
         cmd = [sys.executable, os.path.abspath(__file__), "--one", case, "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--sample-len", str(args.sample_len), "--threads", str(args.threads)]
@@ -122,6 +131,10 @@ def main() -> None:
             line += " |" + " " * 39
         line += f" | {r['load_average']:>5.1f}"  # 1-min load average: other work on the machine slows the case
         print(line, flush=True)
+        notes += [f"  {case}: {message}" for message in r["fallbacks"]]
+    print(f"kernel backends available: {', '.join(r['backends'])}" if done.returncode == 0 else "")
+    if notes:
+        print("kernel backend fallbacks during the runs (slower paths):\n" + "\n".join(notes))
 
 
 if __name__ == "__main__":

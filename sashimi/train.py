@@ -80,6 +80,7 @@ class TrainConfig:
     # bookkeeping
     seed: int = _opt(0, "seed for initialisation, data order and dropout")
     num_workers: int = _opt(0, "DataLoader worker processes per training process")
+    threads: int | None = _opt(None, "torch threads per process (default: torch's choice; torchrun sets 1)")
     log_every: int = _opt(10, "append training metrics every this many steps")
     val_every: int = _opt(500, "validate every this many steps (and at the end)")
     val_batches: int | None = _opt(None, "validate on at most this many batches (default: the whole split)")
@@ -95,7 +96,7 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ["sample_len", "micro_batch", "n_train_items", "n_val_items", "val_batches", "decay_steps"]:
+        for name in ["sample_len", "micro_batch", "threads", "n_train_items", "n_val_items", "val_batches", "decay_steps"]:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
@@ -524,6 +525,8 @@ def _train(cfg: TrainConfig, procs: Processes) -> dict:
                                   f"than preset {cfg.preset!r} with this run's overrides: " + "; ".join(diff))
 
     # ---- model, optimiser, schedule (identical initialisation on every process)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
     model = build_model(model_config).to(device)
     log(f"sashimi: preset {cfg.preset!r}, {count_parameters(model):,} parameters, "
