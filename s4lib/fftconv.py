@@ -44,15 +44,94 @@ class DropoutNd(nn.Module):
         return x * mask / (1 - self.p)
 
 
-def fft_conv(u: torch.Tensor, K: torch.Tensor, n: int) -> torch.Tensor:
+# Bytes of one complex spectrum block in _FFTConv. The channel axis is processed in blocks of
+# this size: temporaries stay small and same-sized, so the allocator reuses them instead of
+# fragmenting the heap with a new B*C*H*n-sized buffer per step.
+SPECTRUM_BLOCK_BYTES = 8 * 2**20
+
+
+def _channel_blocks(H: int, row_bytes: int):
+    step = max(1, min(H, SPECTRUM_BLOCK_BYTES // max(row_bytes, 1)))
+    return [slice(i, min(i + step, H)) for i in range(0, H, step)]
+
+
+class _FFTConv(torch.autograd.Function):
+    """y = irfft(rfft(u, n) * rfft(K, n), n)[..., :L] + D u, with a hand-written backward.
+
+    Autograd through torch.fft would save both spectra (2 x B*H*(n/2+1) complex values) and run
+    the r2c backward as a zero-padded complex FFT of twice the size. Here only u and K are
+    saved; the backward recomputes their spectra and uses the adjoint of a circular
+    convolution, a circular correlation: grad_u = irfft(G conj(K^)), grad_K = irfft(G conj(U^)).
+    Forward and backward run over blocks of channels (see SPECTRUM_BLOCK_BYTES).
+    """
+
+    @staticmethod
+    def forward(ctx, u, K, D, n):
+        (B, H, L), C = u.shape, K.shape[0]
+        y = u.new_empty(B, C, H, L)
+        row_bytes = max(B, C) * B * (n // 2 + 1) * 2 * u.element_size()
+        for h in _channel_blocks(H, row_bytes):
+            u_f = torch.fft.rfft(u[:, h], n=n).unsqueeze(1)  # (B, 1, h, n/2+1)
+            k_f = torch.fft.rfft(K[:, h], n=n)  # (C, h, n/2+1)
+            prod = u_f.mul_(k_f) if C == 1 else u_f * k_f
+            del u_f, k_f
+            y_h = torch.fft.irfft(prod, n=n)[..., :L]
+            del prod
+            if D is None:
+                y[:, :, h] = y_h
+            else:
+                torch.addcmul(y_h, u[:, h].unsqueeze(1), D[:, h].unsqueeze(-1), out=y[:, :, h])
+        ctx.save_for_backward(u, K, D)
+        ctx.n = n
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        u, K, D = ctx.saved_tensors
+        n, (B, H, L), (C, _, Lk) = ctx.n, u.shape, K.shape
+        need_u, need_K = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_u = torch.empty_like(u) if need_u else None
+        grad_K = torch.empty_like(K) if need_K else None
+        row_bytes = max(B, C) * B * C * (n // 2 + 1) * 2 * u.element_size()
+        for h in _channel_blocks(H, row_bytes):
+            g_h = g[:, :, h]
+            g_f = torch.fft.rfft(g_h, n=n)  # (B, C, h, n/2+1)
+            if need_u:
+                k_f = torch.fft.rfft(K[:, h], n=n).conj_physical_()
+                t = g_f[:, 0].mul_(k_f[0]) if C == 1 and not need_K else (g_f * k_f).sum(1)
+                del k_f
+                gu = torch.fft.irfft(t, n=n)[..., :L]
+                del t
+                if D is None:
+                    grad_u[:, h] = gu
+                elif C == 1:
+                    torch.addcmul(gu, g_h[:, 0], D[0, h].unsqueeze(-1), out=grad_u[:, h])
+                else:
+                    grad_u[:, h] = gu + torch.einsum("bchl,ch->bhl", g_h, D[:, h])
+                del gu
+            if need_K:
+                u_f = torch.fft.rfft(u[:, h], n=n).conj_physical_()
+                t = g_f[0].mul_(u_f[0]) if B == 1 else torch.einsum("bchf,bhf->chf", g_f, u_f)
+                del u_f, g_f
+                grad_K[:, h] = torch.fft.irfft(t, n=n)[..., :Lk]
+                del t
+        grad_D = torch.einsum("bchl,bhl->ch", g, u) if D is not None and ctx.needs_input_grad[2] else None
+        return grad_u, grad_K, grad_D, None
+
+
+def fft_conv(u: torch.Tensor, K: torch.Tensor, n: int, D: torch.Tensor | None = None) -> torch.Tensor:
     """Circular convolution of u (B, H, L) with K (C, H, Lk) by FFT of size n, first L outputs: (B, C, H, L).
 
-    With n >= L + Lk - 1 this is the causal linear convolution.
+    With n >= L + Lk - 1 this is the causal linear convolution. D (C, H), if given, adds the skip
+    term D u. The backward saves only u and K (see _FFTConv), so it costs no more memory than
+    the forward.
     """
-    L = u.shape[-1]
-    u_f = torch.fft.rfft(u, n=n)
-    K_f = torch.fft.rfft(K, n=n)
-    return torch.fft.irfft(u_f.unsqueeze(1) * K_f, n=n)[..., :L]
+    if n < max(u.shape[-1], K.shape[-1]):
+        raise ValueError(f"FFT size n={n} is shorter than the input ({u.shape[-1]}) or kernel ({K.shape[-1]})")
+    if u.is_complex() or K.is_complex():
+        raise TypeError("fft_conv takes real u and K")
+    return _FFTConv.apply(u, K, D, n)
 
 
 def check_input(x: torch.Tensor, d_model: int, transposed: bool, name: str = "x") -> None:
@@ -128,8 +207,7 @@ class FFTConv(nn.Module):
             # causal part at lags 0..; anti-causal part at lags -1, -2, ... (lag 0 counted once)
             # with FFT size l_kernel + L the circular wrap puts the anti-causal part on future inputs
             K = F.pad(K_fwd, (0, L)) + F.pad(K_bwd.flip(-1), (L, 0))
-        y = fft_conv(u, K, n=l_kernel + L)  # (B, C, H, L)
-        y = y + u.unsqueeze(1) * self.D.unsqueeze(-1)
+        y = fft_conv(u, K, n=l_kernel + L, D=self.D.to(u.dtype))  # (B, C, H, L), D u included
         next_state = None
         if state is not None:
             y = y + K_state.to(u.dtype)

@@ -287,6 +287,60 @@ def test_stream_chunks_concatenate_to_generate(tiny):
         gen.stream(2, n_steps=10, top_p=2.0)
 
 
+def _decision_margin(logits, u, temperature=1.0, top_k=0, top_p=1.0):
+    """How far (in probability or logit units) the sampling rule's decision is from flipping.
+
+    The smallest of: the distance of u to a cdf step, of the kept mass to top_p, and the gap
+    between adjacent sorted logits (a swap reorders the cdf). 0 for greedy ties.
+    """
+    z = logits.double() / (temperature or 1.0)
+    z_sorted, _ = torch.sort(z, descending=True, stable=True)
+    gaps = (z_sorted[:-1] - z_sorted[1:]).abs()
+    if temperature == 0:
+        return float(gaps[0])
+    kept = z_sorted[:top_k] if 0 < top_k < len(z_sorted) else z_sorted
+    p = torch.softmax(kept, -1)
+    margins = [float(gaps[: len(kept)].min())]
+    if top_p < 1:
+        mass_before = torch.cumsum(p, -1) - p
+        margins.append(float((mass_before - top_p).abs().min()))
+        p = torch.where(mass_before < top_p, p, torch.zeros(()))
+        p = p / p.sum()
+    margins.append(float((torch.cumsum(p, -1) - u).abs().min()))
+    return min(margins)
+
+
+def _assert_same_tokens_up_to_near_ties(model, a, b, seed, kw):
+    """The two paths give the same tokens, except that a sequence may part at a sampling decision
+    so close to a boundary that float32 rounding (~1e-6 in the logits) decides it.
+
+    Where sequence i first differs, its logits are recomputed in convolution mode from the shared
+    history and the decision margin must be below 1e-4; later steps are not comparable.
+    """
+    prefix_len = a.prefix_len
+    settings = {k: v for k, v in kw.items() if k in ("temperature", "top_k", "top_p")}
+    n_parted = 0
+    for i in range(a.tokens.shape[0]):
+        diff = (a.tokens[i] != b.tokens[i]).nonzero()
+        if len(diff) == 0:
+            assert torch.allclose(a.logprobs[i], b.logprobs[i], atol=1e-4), kw
+            continue
+        t = int(diff[0])
+        n_parted += 1
+        assert t >= prefix_len, "the prompt itself differs"
+        g = t - prefix_len
+        assert torch.allclose(a.logprobs[i, :g], b.logprobs[i, :g], atol=1e-4), kw
+        history = torch.cat([torch.full((1,), model.config.zero_level), a.tokens[i, :t]])
+        stride = model.backbone.stride  # the model is causal: right padding leaves position t alone
+        history = torch.nn.functional.pad(history, (0, -len(history) % stride), value=model.config.zero_level)
+        with torch.no_grad():
+            logits = model(history[None])[0, t]
+        u = float(UniformStream(seed, [i]).next(g + 1)[0, g])
+        margin = _decision_margin(logits, u, **settings)
+        assert margin < 1e-4, f"sequence {i} parts at step {t} with decision margin {margin:.2e}: {kw}"
+    assert 2 * n_parted <= a.tokens.shape[0], f"{n_parted} of {a.tokens.shape[0]} sequences part ({kw})"
+
+
 def test_fast_path_generates_the_eager_tokens(trained):
     ok, reason = _fast_status()
     if not ok:
@@ -299,8 +353,7 @@ def test_fast_path_generates_the_eager_tokens(trained):
         a = slow.generate(4, n_steps=600, seed=9, chunk_len=250, **kw)  # 4 sequences: a padded second batch
         b = fast.generate(4, n_steps=600, seed=9, chunk_len=250, **kw)
         assert b.path == "fast"
-        assert torch.equal(a.tokens, b.tokens), kw
-        assert torch.allclose(a.logprobs, b.logprobs, atol=1e-4), kw
+        _assert_same_tokens_up_to_near_ties(trained, a, b, seed=9, kw=kw)
     streamed = torch.cat(list(fast.stream(3, n_steps=300, seed=2, chunk_len=123)), dim=1)
     assert torch.equal(streamed, slow.generate(3, n_steps=300, seed=2).audio)
 

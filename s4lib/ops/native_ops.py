@@ -42,36 +42,65 @@ def _empty_like_shape(t: Tensor, shape, dtype=None) -> Tensor:
     return t.new_empty(shape, dtype=dtype if dtype is not None else t.dtype)
 
 
+# The ops are defined with the low-level torch.library.Library API rather than the
+# @torch.library.custom_op decorator: the decorator wraps every call in torch._disable_dynamo,
+# whose first use imports torch._dynamo (~140 MB of resident memory) even in eager code.
+_LIB = torch.library.Library("s4lib", "DEF")
+
+
+def _define(schema: str, cpu, cuda=None) -> str:
+    """Define s4lib::<schema> with a CPU (and optionally CUDA) implementation; returns the qualname."""
+    name = schema.split("(", 1)[0]
+    _LIB.define(schema)
+    _LIB.impl(name, cpu, "CPU")
+    if cuda is not None:
+        _LIB.impl(name, cuda, "CUDA")
+    return "s4lib::" + name
+
+
+def _not_differentiable(qualname: str) -> None:
+    """Autograd for a backward op: running it is fine, differentiating it raises a clear error."""
+
+    def backward(ctx, *grads):
+        raise RuntimeError(f"{qualname} has no autograd formula: double backward through the s4lib native "
+                           "kernels is not supported (use backend='naive' for higher-order gradients)")
+
+    torch.library.register_autograd(qualname, backward, setup_context=lambda ctx, inputs, output: None)
+
+
 # --- Cauchy -----------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("s4lib::cauchy", mutates_args=(), device_types="cpu")
 def cauchy(v: Tensor, z: Tensor, w: Tensor) -> Tensor:
     return _cpu_ops().cauchy_forward(v, z, w)
 
 
-@cauchy.register_kernel("cuda")
 def _cauchy_cuda(v, z, w):
     return _triton().cauchy(v, z, w)
 
 
-@cauchy.register_fake
+CAUCHY = _define("cauchy(Tensor v, Tensor z, Tensor w) -> Tensor", cauchy, _cauchy_cuda)
+
+
+@torch.library.register_fake(CAUCHY)
 def _cauchy_fake(v, z, w):
     return _empty_like_shape(v, (v.shape[0], z.shape[0]))
 
 
-@torch.library.custom_op("s4lib::cauchy_backward", mutates_args=(), device_types="cpu")
 def cauchy_backward(grad: Tensor, v: Tensor, z: Tensor, w: Tensor, need_vw: bool,
                     need_z: bool) -> tuple[Tensor, Tensor, Tensor]:
     return tuple(_cpu_ops().cauchy_backward(grad, v, z, w, need_vw, need_z))
 
 
-@cauchy_backward.register_kernel("cuda")
 def _cauchy_backward_cuda(grad, v, z, w, need_vw, need_z):
-    return _triton().cauchy_backward(grad, v, z, w, need_vw, need_z)
+    return tuple(_triton().cauchy_backward(grad, v, z, w, need_vw, need_z))
 
 
-@cauchy_backward.register_fake
+CAUCHY_BACKWARD = _define("cauchy_backward(Tensor grad, Tensor v, Tensor z, Tensor w, bool need_vw, bool need_z)"
+                          " -> (Tensor, Tensor, Tensor)", cauchy_backward, _cauchy_backward_cuda)
+
+
+@torch.library.register_fake(CAUCHY_BACKWARD)
 def _cauchy_backward_fake(grad, v, z, w, need_vw, need_z):
     vw_shape = tuple(v.shape) if need_vw else (0,)
     return (_empty_like_shape(v, vw_shape), _empty_like_shape(v, vw_shape),
@@ -89,38 +118,43 @@ def _cauchy_autograd(ctx, grad):
     return (grad_v if need_v else None, grad_z if need_z else None, grad_w if need_w else None)
 
 
-cauchy.register_autograd(_cauchy_autograd, setup_context=_cauchy_setup_context)
+_not_differentiable(CAUCHY_BACKWARD)
+torch.library.register_autograd(CAUCHY, _cauchy_autograd, setup_context=_cauchy_setup_context)
 
 
 # --- log-Vandermonde --------------------------------------------------------------------------
 
 
-@torch.library.custom_op("s4lib::log_vandermonde", mutates_args=(), device_types="cpu")
 def log_vandermonde(v: Tensor, x: Tensor, L: int) -> Tensor:
     return _cpu_ops().log_vandermonde(v, x, L)
 
 
-@log_vandermonde.register_kernel("cuda")
 def _log_vandermonde_cuda(v, x, L):
     return _triton().log_vandermonde(v, x, L)
 
 
-@log_vandermonde.register_fake
+LOG_VANDERMONDE = _define("log_vandermonde(Tensor v, Tensor x, SymInt L) -> Tensor", log_vandermonde,
+                          _log_vandermonde_cuda)
+
+
+@torch.library.register_fake(LOG_VANDERMONDE)
 def _log_vandermonde_fake(v, x, L):
     return _empty_like_shape(v, (v.shape[0], L), dtype=v.real.dtype)
 
 
-@torch.library.custom_op("s4lib::vandermonde_moments", mutates_args=(), device_types="cpu")
 def vandermonde_moments(u: Tensor, x: Tensor, first_moment: bool) -> tuple[Tensor, Tensor]:
     return tuple(_cpu_ops().vandermonde_moments(u, x, first_moment))
 
 
-@vandermonde_moments.register_kernel("cuda")
 def _vandermonde_moments_cuda(u, x, first_moment):
-    return _triton().vandermonde_moments(u, x, first_moment)
+    return tuple(_triton().vandermonde_moments(u, x, first_moment))
 
 
-@vandermonde_moments.register_fake
+VANDERMONDE_MOMENTS = _define("vandermonde_moments(Tensor u, Tensor x, bool first_moment) -> (Tensor, Tensor)",
+                              vandermonde_moments, _vandermonde_moments_cuda)
+
+
+@torch.library.register_fake(VANDERMONDE_MOMENTS)
 def _vandermonde_moments_fake(u, x, first_moment):
     return (_empty_like_shape(x, tuple(x.shape)),
             _empty_like_shape(x, tuple(x.shape) if first_moment else (0,)))
@@ -140,10 +174,11 @@ def _log_vandermonde_autograd(ctx, grad):
     return grad_v, grad_x, None
 
 
-log_vandermonde.register_autograd(_log_vandermonde_autograd, setup_context=_log_vandermonde_setup_context)
+_not_differentiable(VANDERMONDE_MOMENTS)
+torch.library.register_autograd(LOG_VANDERMONDE, _log_vandermonde_autograd,
+                                setup_context=_log_vandermonde_setup_context)
 
 
-@torch.library.custom_op("s4lib::log_vandermonde_transpose", mutates_args=(), device_types=("cpu", "cuda"))
 def log_vandermonde_transpose(u: Tensor, v: Tensor, x: Tensor, L: int) -> Tensor:
     if u.shape[-1] != L:
         raise ValueError(f"u must have last dimension L={L}, got shape {tuple(u.shape)}")
@@ -151,7 +186,11 @@ def log_vandermonde_transpose(u: Tensor, v: Tensor, x: Tensor, L: int) -> Tensor
     return v * P0
 
 
-@log_vandermonde_transpose.register_fake
+LOG_VANDERMONDE_TRANSPOSE = _define("log_vandermonde_transpose(Tensor u, Tensor v, Tensor x, SymInt L) -> Tensor",
+                                    log_vandermonde_transpose, log_vandermonde_transpose)
+
+
+@torch.library.register_fake(LOG_VANDERMONDE_TRANSPOSE)
 def _log_vandermonde_transpose_fake(u, v, x, L):
     return torch.empty_like(v)
 
@@ -177,4 +216,5 @@ def _transpose_autograd(ctx, grad):
     return grad_u, grad_v, grad_x, None
 
 
-log_vandermonde_transpose.register_autograd(_transpose_autograd, setup_context=_transpose_setup_context)
+torch.library.register_autograd(LOG_VANDERMONDE_TRANSPOSE, _transpose_autograd,
+                                setup_context=_transpose_setup_context)
