@@ -69,7 +69,7 @@ class _FFTConv(torch.autograd.Function):
     def forward(ctx, u, K, D, n):
         (B, H, L), C = u.shape, K.shape[0]
         y = u.new_empty(B, C, H, L)
-        row_bytes = max(B, C) * B * (n // 2 + 1) * 2 * u.element_size()
+        row_bytes = B * C * (n // 2 + 1) * 2 * u.element_size()  # one channel of the (B, C) product spectrum
         for h in _channel_blocks(H, row_bytes):
             u_f = torch.fft.rfft(u[:, h], n=n).unsqueeze(1)  # (B, 1, h, n/2+1)
             k_f = torch.fft.rfft(K[:, h], n=n)  # (C, h, n/2+1)
@@ -93,7 +93,7 @@ class _FFTConv(torch.autograd.Function):
         need_u, need_K = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_u = torch.empty_like(u) if need_u else None
         grad_K = torch.empty_like(K) if need_K else None
-        row_bytes = max(B, C) * B * C * (n // 2 + 1) * 2 * u.element_size()
+        row_bytes = B * C * (n // 2 + 1) * 2 * u.element_size()
         for h in _channel_blocks(H, row_bytes):
             g_h = g[:, :, h]
             g_f = torch.fft.rfft(g_h, n=n)  # (B, C, h, n/2+1)

@@ -430,3 +430,21 @@ def test_inference_mode():
     stepper.set_state(state)
     assert torch.equal(stepper.step(tokens[:, 37]), inside)
     stepper.generate(tokens[:, 38], torch.rand(2, 3))
+
+
+def test_threads_split_the_batch_without_changing_a_token():
+    """The engine splits a batch over torch's threads; rows are independent, so 1, 2 and 3 threads
+    give identical tokens and log-likelihoods."""
+    model = make_model("tiny", "dplr", trained=True, seed=53)
+    B, n = 5, 300
+    settings = {"temperature": 0.9, "top_k": 50, "top_p": 0.95}
+    uniforms = torch.rand(B, n, generator=torch.Generator().manual_seed(54), dtype=torch.float64)
+    first = torch.full((B,), 128)
+    model.setup_step()
+    outputs = []
+    for threads in (1, 2, 3):
+        with torch_threads(threads):
+            stepper = FastStepper(model, B)
+            outputs.append(stepper.generate(first, uniforms, **settings))
+    for tokens, logprobs in outputs[1:]:
+        assert torch.equal(tokens, outputs[0][0]) and torch.equal(logprobs, outputs[0][1])

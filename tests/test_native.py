@@ -458,3 +458,60 @@ def test_cli_info_and_build(native_cpu, capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "torch" in out and "native" in out and "chunked" in out
+
+
+# ------------------------------------------------------------------ threads
+
+
+def test_kernels_give_the_same_result_on_any_number_of_threads(native_cpu):
+    """The kernels split their work with at::parallel_for (compiled with OpenMP): every thread
+    count gives the one-thread result. Outputs that one thread sums in a fixed order are equal bit
+    for bit; the log-Vandermonde gradients add per-thread partial sums over L, so they agree to
+    float32 rounding."""
+    from s4lib.ops import native_build as nb
+
+    assert "-fopenmp" in nb.CFLAGS or sys.platform == "darwin"
+    v, z, w = (t.requires_grad_() for t in cauchy_problem(7, 16, 301, torch.complex64, 21, distinct_poles=3))
+    vv, x, _ = vandermonde_problem(5, 16, 9, torch.complex64, 22)
+    vv.requires_grad_(), x.requires_grad_()
+    g_c = torch.randn(7, 301, dtype=torch.complex64)
+    g_v = torch.randn(5, 999)
+    saved = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            r = native_cpu.cauchy(v, z, w)
+            K = native_cpu.log_vandermonde(vv, x, 999)
+            grads = torch.autograd.grad((r * g_c).real.sum() + (K * g_v).sum(), [v, z, w, vv, x])
+            results.append([r.detach(), K.detach(), *grads])
+    finally:
+        torch.set_num_threads(saved)
+    for other in results[1:]:
+        for i, (a, b) in enumerate(zip(results[0], other)):
+            if i < 5:  # cauchy forward and grads, log_vandermonde forward
+                assert torch.equal(a, b), i
+            else:
+                assert (a - b).abs().max() <= 1e-5 * a.abs().max(), i
+
+
+def test_kernels_use_more_than_one_thread(native_cpu):
+    """With two torch threads the Cauchy kernel runs on both: its CPU time exceeds its wall time."""
+    import time
+
+    if os.cpu_count() < 2:
+        pytest.skip("one CPU")
+    v, z, w = cauchy_problem(64, 32, 4096, torch.complex64, 23)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        native_cpu.cauchy(v, z, w)
+        best = 0.0
+        for _ in range(5):  # the best of five: a busy machine may deschedule one thread
+            wall, cpu = time.perf_counter(), time.process_time()
+            for _ in range(3):
+                native_cpu.cauchy(v, z, w)
+            best = max(best, (time.process_time() - cpu) / (time.perf_counter() - wall))
+    finally:
+        torch.set_num_threads(saved)
+    assert best > 1.2, f"CPU time / wall time = {best:.2f}: the kernel ran on one thread"

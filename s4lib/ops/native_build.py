@@ -26,8 +26,13 @@ import torch
 
 SOURCES = ("cauchy_cpu.cpp", "vandermonde_cpu.cpp", "torch_bindings_cpu.cpp")
 HEADERS = ("s4lib_cpu.h",)
+# -fopenmp matters: at::parallel_for in ATen's headers is a serial loop unless the translation
+# unit is compiled with OpenMP (the call then runs on torch's own OpenMP pool, whose libgomp the
+# extension shares through its soname). Apple's clang has no -fopenmp: there the kernels run serially.
+_OPENMP = () if platform.system() == "Darwin" else ("-fopenmp",)
 CFLAGS = ("-O3", "-std=c++17", "-march=native", "-mprefer-vector-width=512", "-fopenmp-simd",
-          "-fno-math-errno", "-fno-trapping-math")
+          "-fno-math-errno", "-fno-trapping-math") + _OPENMP
+LDFLAGS = _OPENMP
 
 _lock = threading.Lock()
 _state: dict = {"loaded": False, "error": None, "path": None, "seconds": None}
@@ -133,6 +138,7 @@ def load(verbose: bool = False) -> None:
                 name="s4lib_native_cpu",
                 sources=[str(src / name) for name in SOURCES],
                 extra_cflags=list(CFLAGS),
+                extra_ldflags=list(LDFLAGS),
                 extra_include_paths=[str(src)],
                 build_directory=str(directory),
                 is_python_module=False,
@@ -176,7 +182,8 @@ def load_module(name: str, sources, extra_cflags=(), verbose: bool = False):
             from torch.utils.cpp_extension import load as cpp_load
 
             module = cpp_load(name=name, sources=[str(src / s) for s in sources], extra_cflags=list(flags),
-                              extra_include_paths=[str(src)], build_directory=str(directory),
+                              extra_ldflags=list(LDFLAGS), extra_include_paths=[str(src)],
+                              build_directory=str(directory),
                               is_python_module=True, verbose=verbose)
         except Exception as e:  # compiler errors, missing headers, link errors
             entry["error"] = f"{name} failed to build with {compiler()!r}: {_short(e)}"
