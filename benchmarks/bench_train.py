@@ -35,11 +35,12 @@ REFERENCE = {"sc09": {"s_per_step": 83.6, "rss_gb": 11.0}, "sc09-2layer": {"s_pe
 
 
 def run_case(preset: str, batch_size: int, steps: int, warmup: int, sample_len: int, threads: int,
-             micro_batch: int | None = None) -> dict:
+             micro_batch: int | None = None, checkpointing: bool = False) -> dict:
     """One case in this process: returns step times (wall and CPU) and peak RSS.
 
     micro_batch: run the batch in chunks of this many clips, adding up their gradients (as
     `sashimi train --micro-batch` does): the same update with the memory of a smaller batch.
+    checkpointing: gradient checkpointing per residual block (`sashimi train --checkpointing on`).
     """
     import resource
 
@@ -47,11 +48,12 @@ def run_case(preset: str, batch_size: int, steps: int, warmup: int, sample_len: 
 
     sys.path.insert(0, REPO)
     from s4lib import param_groups
-    from sashimi.model import build_model, count_parameters, nll_bits
+    from sashimi.model import build_model, count_parameters
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = build_model(preset, sample_len=sample_len)
+    model.set_gradient_checkpointing(checkpointing)
     optimizer = torch.optim.AdamW(param_groups(model, weight_decay=0.0, lr=4e-3), lr=4e-3)
     n_classes = model.config.n_classes
     x = torch.randint(0, n_classes, (batch_size, sample_len))
@@ -65,7 +67,7 @@ def run_case(preset: str, batch_size: int, steps: int, warmup: int, sample_len: 
             start, cpu_start = time.perf_counter(), time.process_time()
             for chunk in range(0, batch_size, micro):
                 part = slice(chunk, chunk + micro)
-                bits, count = nll_bits(model(x[part]), y[part], mask[part])
+                bits, count = model(x[part], y[part], mask[part])  # the loss as sashimi train computes it
                 (bits * 0.6931471805599453 / mask.sum()).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
@@ -76,7 +78,7 @@ def run_case(preset: str, batch_size: int, steps: int, warmup: int, sample_len: 
     rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
     from s4lib.ops.dispatch import available_backends
 
-    return {"preset": preset, "batch_size": batch_size, "micro_batch": micro, "params": count_parameters(model),
+    return {"preset": preset, "batch_size": batch_size, "micro_batch": micro, "checkpointing": checkpointing, "params": count_parameters(model),
             "step_times": times, "median_s": statistics.median(times), "median_cpu_s": statistics.median(cpu_times),
             "peak_rss_gb": rss_kb / 1e6, "load_average": os.getloadavg()[0],
             "backends": available_backends(),
@@ -87,7 +89,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="+",
                         default=["sc09:1", "sc09:8", "sc09:8:1", "sc09-2layer:1", "sc09-2layer:8"],
-                        help="PRESET:BATCH or PRESET:BATCH:MICRO_BATCH")
+                        help="PRESET:BATCH[:MICRO_BATCH][:ckpt], e.g. sc09:8:4:ckpt (ckpt: gradient checkpointing)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per case (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--sample-len", type=int, default=16000)
@@ -96,9 +98,11 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.one:
-        preset, batch, *micro = args.one.split(":")
+        preset, batch, *rest = args.one.split(":")
+        ckpt = "ckpt" in rest
+        micro = [r for r in rest if r != "ckpt"]
         print(json.dumps(run_case(preset, int(batch), args.steps, args.warmup, args.sample_len, args.threads,
-                                  int(micro[0]) if micro else None)))
+                                  int(micro[0]) if micro else None, ckpt)))
         return
 
     header = (f"{'preset':<12} {'batch':>7} {'params':>10} {'s/step':>8} {'cpu s':>7} {'samples/s':>10} {'peak RSS':>9}"
@@ -119,6 +123,7 @@ def main() -> None:
         r = json.loads(done.stdout.strip().splitlines()[-1])
         throughput = r["batch_size"] / r["median_s"]
         batch = f"{r['batch_size']}" + (f"/{r['micro_batch']}" if r["micro_batch"] != r["batch_size"] else "")
+        batch += "c" if r["checkpointing"] else ""
         line = (f"{r['preset']:<12} {batch:>7} {r['params']:>10,} {r['median_s']:>8.2f} {r['median_cpu_s']:>7.1f}"
                 f" {throughput:>10.3f}"
                 f" {r['peak_rss_gb']:>7.2f}GB")
@@ -132,6 +137,7 @@ def main() -> None:
         line += f" | {r['load_average']:>5.1f}"  # 1-min load average: other work on the machine slows the case
         print(line, flush=True)
         notes += [f"  {case}: {message}" for message in r["fallbacks"]]
+    print("(a batch written 8/4c: micro-batches of 4, c: gradient checkpointing)")
     print(f"kernel backends available: {', '.join(r['backends'])}" if done.returncode == 0 else "")
     if notes:
         print("kernel backend fallbacks during the runs (slower paths):\n" + "\n".join(notes))

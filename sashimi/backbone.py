@@ -227,7 +227,11 @@ class SaShiMi(nn.Module):
 
     def _block(self, block: ResidualBlock, x: torch.Tensor) -> torch.Tensor:
         if self.checkpoint and self.training and torch.is_grad_enabled():
-            return checkpoint_call(block, x, use_reentrant=False)
+            # The reentrant variant runs the first forward under no_grad, which frees each block's
+            # temporaries at once: on CPU its heap ends up ~1 GB smaller at sc09 batch 8 (glibc
+            # fragments less). It only records the block's graph when its input needs a gradient,
+            # so an input that does not (a frozen embedding) takes the non-reentrant variant.
+            return checkpoint_call(block, x, use_reentrant=x.requires_grad)
         return block(x)
 
     def _forward_level(self, i: int, x: torch.Tensor) -> torch.Tensor:

@@ -236,7 +236,7 @@ def _demo_step_seconds(threads: int, give_up_after: float | None = None) -> floa
 
     import torch
 
-    from .model import build_model, nll_bits
+    from .model import build_model
 
     torch.set_num_threads(threads)
     model = build_model(_DEMO_TRAIN["preset"], sample_len=_DEMO_TRAIN["sample_len"])
@@ -245,7 +245,7 @@ def _demo_step_seconds(threads: int, give_up_after: float | None = None) -> floa
     times = []
     for _ in range(3):  # the first is warm-up
         t0 = time.perf_counter()
-        bits, count = nll_bits(model(x), x)
+        bits, count = model(x, x)
         (bits / count).backward()
         optimizer.step()
         optimizer.zero_grad()

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .data import make_dataset
-from .model import count_parameters, nll_bits
+from .model import count_parameters
 from .train import (BEST_CHECKPOINT, LAST_CHECKPOINT, CheckpointError, load_checkpoint, model_from_checkpoint,
                     resolve_checkpoint, write_json)
 
@@ -56,8 +56,7 @@ def evaluate(ckpt: str, data: str | None = None, split: str = "test", batch_size
     total_bits, total_count = 0.0, 0
     bar = tqdm(loader, desc=f"eval {split}", disable=not progress, dynamic_ncols=True)
     for batch in bar:
-        logits = model(batch["x"].to(device))
-        bits, count = nll_bits(logits.float(), batch["y"].to(device), batch["mask"].to(device))
+        bits, count = model(batch["x"].to(device), batch["y"].to(device), batch["mask"].to(device))
         total_bits += float(bits)
         total_count += int(count)
         bar.set_postfix(bits=f"{total_bits / max(total_count, 1):.4f}")

@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from torch.utils.checkpoint import checkpoint as checkpoint_call
+
 from .backbone import SaShiMi
 from .quantize import QUANTIZATIONS
 
@@ -209,10 +211,44 @@ class WaveformAR(nn.Module):
             raise ValueError(f"tokens must be levels in [0, {self.n_classes}), got values in "
                              f"[{int(tokens.min())}, {int(tokens.max())}]")
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (B, L) integer levels, L a multiple of prod(pool) -> logits (B, L, n_classes)."""
+    # tokens per chunk of the head + cross-entropy in forward(tokens, targets): the (B, L, n_classes)
+    # logits are never materialised whole (131 MB at sc09 batch 8 per copy, and autograd keeps several)
+    LOSS_CHUNK_TOKENS = 16384
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, mask: torch.Tensor | None = None):
+        """tokens (B, L) integer levels, L a multiple of prod(pool) -> logits (B, L, n_classes).
+
+        With targets (B, L) (and optionally mask (B, L) bool), returns nll_bits of the logits,
+        (sum_bits, count), computed over chunks of time so that the logits of the whole batch
+        never exist at once; with gradient checkpointing on, each chunk's logits are recomputed
+        in the backward pass. Same value as nll_bits(model(tokens), targets, mask).
+        """
         self.check_tokens(tokens)
-        return self.head(self.norm(self.backbone(self.embedding(tokens))))
+        features = self.backbone(self.embedding(tokens))
+        if targets is None:
+            if mask is not None:
+                raise ValueError("mask needs targets")
+            return self.head(self.norm(features))
+        if targets.shape != tokens.shape:
+            raise ValueError(f"targets {tuple(targets.shape)} must have the tokens' shape {tuple(tokens.shape)}")
+        if mask is not None and mask.shape != tokens.shape:
+            raise ValueError(f"mask {tuple(mask.shape)} must have the tokens' shape {tuple(tokens.shape)}")
+        B, L = tokens.shape
+        step = max(1, self.LOSS_CHUNK_TOKENS // max(B, 1))
+        recompute = self.backbone.checkpoint and self.training and torch.is_grad_enabled()
+        total_bits, total_count = 0.0, 0
+        for t0 in range(0, L, step):
+            part = slice(t0, t0 + step)
+            args = (features[:, part], targets[:, part], None if mask is None else mask[:, part])
+            if recompute:
+                bits, count = checkpoint_call(self._chunk_bits, *args, use_reentrant=False)
+            else:
+                bits, count = self._chunk_bits(*args)
+            total_bits, total_count = total_bits + bits, total_count + count
+        return total_bits, total_count
+
+    def _chunk_bits(self, features, targets, mask):
+        return nll_bits(self.head(self.norm(features)).float(), targets, mask)
 
     # ---------------------------------------------------------------- recurrent mode
     def setup_step(self, mode: str = "linear", **kwargs):
@@ -267,6 +303,25 @@ def describe(model: nn.Module) -> str:
                 f"mode={c.mode} d_state={c.d_state}{' unet' if c.unet else ''} | "
                 f"{c.sample_rate} Hz, {c.sample_len} samples, {c.bits}-bit {c.quantization}")
     return f"{type(model).__name__}: {total:,} parameters ({total / 1e6:.2f}M)"
+
+
+def activation_bytes(config: ModelConfig, batch_size: int, length: int | None = None) -> int:
+    """Estimated memory of the activations autograd keeps for one training forward (no checkpointing).
+
+    Per (S4, FF) block pair and level: about 7 tensors of the level's (batch, length, width) size
+    for the S4 block and 1 + 2 ff for the FF block, in float32 (measured: 6.3 GB for sc09 at
+    batch 8 against 5.5 GB estimated, the rest being the loss and the S4 kernels). The centre
+    has n_layers pairs; each pooling level n_layers (2 n_layers with unet=True).
+    """
+    length = config.sample_len if length is None else length
+    per_pair = 7 + (1 + 2 * config.ff if config.ff > 0 else 0)
+    units, steps, width = 0, length, config.d_model
+    for i in range(len(config.pool) + 1):
+        pairs = config.n_layers * (2 if config.unet and i < len(config.pool) else 1)
+        units += batch_size * steps * width * pairs
+        if i < len(config.pool):
+            steps, width = steps // config.pool[i], width * config.expand
+    return 4 * per_pair * units
 
 
 def nll_bits(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None):

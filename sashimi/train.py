@@ -32,12 +32,13 @@ from tqdm.auto import tqdm
 from s4lib import param_groups
 
 from .data import make_dataset
-from .model import PRESETS, ModelConfig, build_model, count_parameters, nll_bits
+from .model import PRESETS, ModelConfig, activation_bytes, build_model, count_parameters
 
 __all__ = ["TrainConfig", "train", "NonFiniteLossError", "CheckpointError", "load_checkpoint",
            "resolve_checkpoint", "model_from_checkpoint", "CHECKPOINT_FORMAT", "LAST_CHECKPOINT",
            "BEST_CHECKPOINT"]
 
+CHECKPOINT_AUTO_BYTES = 2e9  # checkpointing='auto' turns on above this estimate (sashimi.model.activation_bytes)
 CHECKPOINT_FORMAT = 1  # bump when the checkpoint layout changes incompatibly
 LAST_CHECKPOINT = "last.pt"  # written every ckpt_every steps, at the end, and on SIGINT/SIGTERM
 BEST_CHECKPOINT = "best.pt"  # written when the validation NLL improves
@@ -64,6 +65,8 @@ class TrainConfig:
     batch_size: int = _opt(8, "global batch size, split evenly across processes")
     micro_batch: int | None = _opt(None, "run each process's batch in chunks of this many clips and add up their "
                                          "gradients (same result, less memory; default: all at once)")
+    checkpointing: str = _opt("auto", "gradient checkpointing per block: 'on', 'off', or 'auto' (on when a "
+                                      "micro-batch's estimated activations exceed 2 GB, e.g. sc09 at batch >= 4)")
     lr: float = _opt(4e-3, "peak learning rate (SSM A, B, dt keep their own 1e-3 from s4lib)")
     weight_decay: float = _opt(0.0, "AdamW weight decay (SSM parameters are exempt)")
     warmup_steps: int = _opt(1000, "linear warmup from 0 to lr")
@@ -110,6 +113,8 @@ class TrainConfig:
             raise ValueError("need 0 <= min_lr_ratio <= 1, 0 < plateau_factor < 1, plateau_patience >= 0")
         if self.ema is not None and not 0 < self.ema < 1:
             raise ValueError(f"ema must be a decay in (0, 1) or None, got {self.ema!r}")
+        if self.checkpointing not in ("auto", "on", "off"):
+            raise ValueError(f"checkpointing must be 'auto', 'on' or 'off', got {self.checkpointing!r}")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
         if self.preset not in PRESETS:
@@ -192,6 +197,14 @@ def resolve_model_config(cfg: TrainConfig) -> ModelConfig:
     if cfg.dropout is not None:
         d["dropout"] = cfg.dropout
     return ModelConfig.from_dict(d)
+
+
+def checkpointing_decision(cfg: TrainConfig, model_config: ModelConfig, local_batch: int) -> tuple[bool, float]:
+    """(gradient checkpointing on?, estimated activation bytes of one micro-batch without it)."""
+    estimate = activation_bytes(model_config, min(cfg.micro_batch or local_batch, local_batch))
+    if cfg.checkpointing == "auto":
+        return estimate > CHECKPOINT_AUTO_BYTES, estimate
+    return cfg.checkpointing == "on", estimate
 
 
 def _config_diff(saved: dict, wanted: dict) -> list[str]:
@@ -446,8 +459,7 @@ def validate(model, dataset, procs: Processes, local_batch: int, max_batches: in
     total_bits, total_count = 0.0, 0.0
     for batch in loader:
         with autocast():
-            logits = model(batch["x"].to(procs.device))
-        bits, count = nll_bits(logits.float(), batch["y"].to(procs.device), batch["mask"].to(procs.device))
+            bits, count = model(batch["x"].to(procs.device), batch["y"].to(procs.device), batch["mask"].to(procs.device))
         total_bits += float(bits)
         total_count += float(count)
     model.train(was_training)
@@ -571,6 +583,10 @@ def _train(cfg: TrainConfig, procs: Processes) -> dict:
         write_json(os.path.join(cfg.out, "config.json"),
                    {"train": cfg.to_dict(), "model": model_config.to_dict(), "world_size": procs.world_size})
     raw_model = model
+    use_checkpointing, micro_estimate = checkpointing_decision(cfg, model_config, cfg.batch_size // procs.world_size)
+    raw_model.set_gradient_checkpointing(use_checkpointing)
+    log(f"gradient checkpointing {'on' if use_checkpointing else 'off'} ({cfg.checkpointing}; activations of a "
+        f"micro-batch estimated at {micro_estimate / 1e9:.2f} GB without it)")
     if procs.world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
@@ -665,9 +681,8 @@ def _train(cfg: TrainConfig, procs: Processes) -> dict:
                 chunk = slice(i * micro, (i + 1) * micro)
                 sync = i == n_chunks - 1 or procs.world_size == 1  # DDP exchanges gradients after the last chunk
                 with contextlib.nullcontext() if sync else model.no_sync():
-                    with autocast():
-                        logits = model(x[chunk])
-                    bits, _ = nll_bits(logits.float(), y[chunk], mask[chunk])
+                    with autocast():  # the loss in chunks of time: the whole batch's logits never exist at once
+                        bits, _ = model(x[chunk], y[chunk], mask[chunk])
                     loss = bits * loss_scale * (float("nan") if poisoned else 1.0)
                     loss.backward()
                 local_bits += float(bits.detach())

@@ -343,20 +343,60 @@ def test_state_dict_round_trip():
         torch.testing.assert_close(clone.eval()(tokens), expected)
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+@pytest.mark.parametrize("frozen_embedding", [False, True])
+def test_gradient_checkpointing_gives_the_same_gradients(frozen_embedding):
+    """Checkpointing (reentrant when the block input needs a gradient, else not) and the chunked
+    loss of model(tokens, targets) give the gradients of the plain forward, dropout included."""
     torch.manual_seed(8)
     model = build_model("tiny", d_model=16, d_state=8, dropout=0.1, backend=BACKEND)
+    model.embedding.weight.requires_grad_(not frozen_embedding)
+    model.LOSS_CHUNK_TOKENS = 50  # several loss chunks, one of them ragged
     tokens = torch.randint(0, 256, (2, 64))
+    mask = torch.rand(2, 64) > 0.3
     grads = []
-    for enable in (False, True):
+    for enable, fused in ((False, False), (True, False), (False, True), (True, True)):
         model.set_gradient_checkpointing(enable)
         model.zero_grad()
         torch.manual_seed(9)  # same dropout masks
-        bits, count = nll_bits(model(tokens), tokens)
+        bits, count = model(tokens, tokens, mask) if fused else nll_bits(model(tokens), tokens, mask)
+        assert int(count) == int(mask.sum())
         (bits / count).backward()
-        grads.append([p.grad.clone() for p in model.parameters()])
-    for g0, g1 in zip(*grads):
-        torch.testing.assert_close(g1, g0, rtol=1e-5, atol=1e-6)
+        grads.append([p.grad.clone() if p.grad is not None else None for p in model.parameters()])
+    for other in grads[1:]:
+        for g0, g1 in zip(grads[0], other):
+            assert (g0 is None) == (g1 is None)
+            if g0 is not None:
+                torch.testing.assert_close(g1, g0, rtol=1e-5, atol=1e-6)
+    n_with_grad = sum(g is not None for g in grads[0])
+    assert n_with_grad == sum(p.requires_grad for p in model.parameters())
+
+
+def test_loss_in_chunks_equals_the_loss_of_the_logits():
+    torch.manual_seed(10)
+    model = build_model("tiny", d_model=16, d_state=8, backend=BACKEND).eval()
+    tokens, targets = torch.randint(0, 256, (3, 48)), torch.randint(0, 256, (3, 48))
+    with torch.no_grad():
+        want = nll_bits(model(tokens), targets)
+        for chunk in (1, 7, 48, 10_000):
+            model.LOSS_CHUNK_TOKENS = chunk
+            got = model(tokens, targets)
+            assert int(got[1]) == int(want[1]) and math.isclose(float(got[0]), float(want[0]), rel_tol=1e-5)
+    with pytest.raises(ValueError, match="targets"):
+        model(tokens, targets[:, :16])
+    with pytest.raises(ValueError, match="mask"):
+        model(tokens, targets, torch.ones(3, 16, dtype=torch.bool))
+    with pytest.raises(ValueError, match="mask needs targets"):
+        model(tokens, mask=torch.ones(3, 48, dtype=torch.bool))
+
+
+def test_activation_estimate_tracks_the_model():
+    from sashimi.model import activation_bytes
+
+    sc09 = get_config("sc09")
+    assert activation_bytes(sc09, 8) == 8 * activation_bytes(sc09, 1)
+    assert 4.5e9 < activation_bytes(sc09, 8) < 7e9  # measured: 6.3 GB of saved tensors
+    assert activation_bytes(get_config("sc09-2layer"), 1) == activation_bytes(sc09, 1) // 4
+    assert activation_bytes(get_config("sc09", unet=True), 1) > activation_bytes(sc09, 1)
 
 
 # ----------------------------------------------------------------------------- likelihood

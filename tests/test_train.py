@@ -290,6 +290,30 @@ def test_micro_batches_give_the_same_update(tmp_path):
     assert chunked["val_bits"] == pytest.approx(whole["val_bits"], abs=1e-4)
 
 
+def test_checkpointing_modes_give_the_same_update(tmp_path, capsys):
+    """'on' recomputes activations, 'off' keeps them: the same weights after 3 steps. 'auto' stays
+    off for a small micro-batch and turns on for a large one; a bad value is a clear error."""
+    off = train(small(tmp_path / "off", max_steps=3, batch_size=4, checkpointing="off"))
+    on = train(small(tmp_path / "on", max_steps=3, batch_size=4, checkpointing="on"))
+    a = load_checkpoint(str(tmp_path / "off" / "last.pt"))
+    b = load_checkpoint(str(tmp_path / "on" / "last.pt"))
+    assert_same_tensors(a["model"], b["model"], exact=False, atol=1e-4)
+    assert on["val_bits"] == pytest.approx(off["val_bits"], abs=1e-4)
+    train(small(tmp_path / "auto", max_steps=1, batch_size=4))
+    assert "gradient checkpointing off (auto" in capsys.readouterr().out
+    from sashimi.model import get_config
+    from sashimi.train import checkpointing_decision
+
+    sc09 = get_config("sc09")
+    assert checkpointing_decision(TrainConfig(preset="sc09", batch_size=8), sc09, 8)[0]  # ~5.5 GB
+    assert not checkpointing_decision(TrainConfig(preset="sc09", batch_size=8, micro_batch=1), sc09, 8)[0]
+    assert not checkpointing_decision(TrainConfig(preset="sc09", batch_size=1), sc09, 1)[0]
+    assert checkpointing_decision(TrainConfig(preset="sc09", batch_size=1, checkpointing="on"), sc09, 1)[0]
+    assert not checkpointing_decision(TrainConfig(preset="sc09", batch_size=8, checkpointing="off"), sc09, 8)[0]
+    with pytest.raises(ValueError, match="checkpointing must be"):
+        small(tmp_path / "bad", checkpointing="yes").check()
+
+
 # --------------------------------------------------------------------------------------------- processes
 
 
