@@ -1,4 +1,4 @@
-"""Training loop for the autoregressive SaShiMi waveform model: TrainConfig, train(cfg), checkpoints.
+"""Training loop for the autoregressive SaShiMi waveform model: TrainConfig, train(cfg).
 
     from sashimi.train import TrainConfig, train
     train(TrainConfig(data="builtin", preset="tiny", out="runs/tiny", max_steps=300))
@@ -6,7 +6,7 @@
 Everything happens in `train()`, top to bottom: processes, model, optimiser, data, then the loop
 (learning rate -> batch -> loss -> backward -> clip -> step -> EMA -> log -> validate -> checkpoint).
 Under `torchrun --nproc_per_node K` every process runs the same loop on 1/K of each global batch
-(DistributedDataParallel); only rank 0 writes files. See docs/training.md.
+(DistributedDataParallel); only rank 0 writes files. Checkpoints: sashimi/checkpoint.py; see docs/training.md.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import math
 import os
 import random
 import signal
-import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -31,6 +30,9 @@ from tqdm.auto import tqdm
 
 from s4lib import param_groups
 
+from .checkpoint import (BEST_CHECKPOINT, LAST_CHECKPOINT, CheckpointError, _config_diff, atomic_write,
+                         gather_rng_states, load_checkpoint, set_rng_state, write_checkpoint)
+from .checkpoint import CHECKPOINT_FORMAT, model_from_checkpoint, resolve_checkpoint, rng_state  # noqa: F401 (re-exported)
 from .data import make_dataset
 from .model import PRESETS, ModelConfig, activation_bytes, build_model, count_parameters
 
@@ -39,9 +41,6 @@ __all__ = ["TrainConfig", "train", "NonFiniteLossError", "CheckpointError", "loa
            "BEST_CHECKPOINT"]
 
 CHECKPOINT_AUTO_BYTES = 2e9  # checkpointing='auto' turns on above this estimate (sashimi.model.activation_bytes)
-CHECKPOINT_FORMAT = 1  # bump when the checkpoint layout changes incompatibly
-LAST_CHECKPOINT = "last.pt"  # written every ckpt_every steps, at the end, and on SIGINT/SIGTERM
-BEST_CHECKPOINT = "best.pt"  # written when the validation NLL improves
 LN2 = math.log(2.0)
 
 
@@ -141,10 +140,6 @@ class NonFiniteLossError(RuntimeError):
     """Too many consecutive steps had a non-finite loss or gradient; the run stopped."""
 
 
-class CheckpointError(ValueError):
-    """A checkpoint is missing, unreadable, of another format version, or of another model."""
-
-
 # ----------------------------------------------------------------------------- processes
 
 
@@ -205,14 +200,6 @@ def checkpointing_decision(cfg: TrainConfig, model_config: ModelConfig, local_ba
     if cfg.checkpointing == "auto":
         return estimate > CHECKPOINT_AUTO_BYTES, estimate
     return cfg.checkpointing == "on", estimate
-
-
-def _config_diff(saved: dict, wanted: dict) -> list[str]:
-    # 'backend' picks how kernels are computed, not what the model is: a run may resume on another one
-    keys = sorted((set(saved) | set(wanted)) - {"backend"})
-    norm = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731  (JSON turns tuples into lists)
-    return [f"{k}: checkpoint {saved.get(k)!r} vs requested {wanted.get(k)!r}"
-            for k in keys if norm(saved.get(k)) != norm(wanted.get(k))]
 
 
 # ----------------------------------------------------------------------------- learning rate
@@ -301,30 +288,7 @@ def batch_stream(dataset, batches: GlobalBatches, epoch: int, index: int, num_wo
         epoch, index = epoch + 1, 0
 
 
-# ----------------------------------------------------------------------------- RNG states
-
-
-def rng_state() -> dict:
-    """torch / CUDA / numpy / python RNG states as tensors and primitives (loadable with weights_only=True)."""
-    py_version, py_state, py_gauss = random.getstate()
-    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {"keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
-                  "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_gauss)},
-        "python": {"version": py_version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss_next": py_gauss},
-    }
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    p = state["python"]
-    random.setstate((p["version"], tuple(p["state"].tolist()), p["gauss_next"]))
+# ----------------------------------------------------------------------------- seeds
 
 
 def seed_everything(seed: int) -> None:
@@ -336,73 +300,8 @@ def seed_everything(seed: int) -> None:
 # ----------------------------------------------------------------------------- files
 
 
-def atomic_write(path: str, write) -> None:
-    """Write a file through `write(fileobj)` into a temporary file in the same folder, fsync, rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
-
-
 def write_json(path: str, obj) -> None:
     atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
-
-
-def resolve_checkpoint(ckpt: str, prefer: tuple[str, ...] = (LAST_CHECKPOINT,)) -> str:
-    """A checkpoint file, or the first of `prefer` that exists in a run directory."""
-    if os.path.isdir(ckpt):
-        for name in prefer:
-            if os.path.isfile(os.path.join(ckpt, name)):
-                return os.path.join(ckpt, name)
-        raise CheckpointError(f"no checkpoint ({' or '.join(prefer)}) in run directory {ckpt}")
-    if not os.path.isfile(ckpt):
-        raise CheckpointError(f"checkpoint {ckpt} does not exist")
-    return ckpt
-
-
-def load_checkpoint(path: str) -> dict:
-    """torch.load(weights_only=True) plus format checks; raises CheckpointError with the reason."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated file, not a torch file, unsafe pickle content, ...
-        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
-    if not isinstance(state, dict) or "format_version" not in state:
-        raise CheckpointError(f"{path} is not a sashimi checkpoint (no format_version)")
-    if state["format_version"] != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} has checkpoint format version {state['format_version']}, but this "
-                              f"version of sashimi reads format {CHECKPOINT_FORMAT}")
-    return state
-
-
-def model_from_checkpoint(state: dict, use_ema: bool = True, path: str = "checkpoint"):
-    """Build the model described by a loaded checkpoint and load its (EMA) weights."""
-    try:
-        model_config = ModelConfig.from_dict(state["model_config"])
-        model = build_model(model_config)
-    except Exception as e:
-        raise CheckpointError(f"{path}: cannot build the model it describes ({e})") from e
-    weights = state["ema"] if use_ema and state.get("ema") is not None else state["model"]
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not fit its model config (preset {state.get('preset')!r}): {e}") from e
-    return model
 
 
 def read_metrics(path: str) -> list[dict]:
@@ -605,32 +504,16 @@ def _train(cfg: TrainConfig, procs: Processes) -> dict:
 
     def save_checkpoint(path: str) -> None:
         """Collective (every process calls it: RNG states are gathered); rank 0 writes."""
-        rng = [rng_state()]
-        if procs.world_size > 1:
-            rng = [None] * procs.world_size
-            dist.all_gather_object(rng, rng_state())
+        rng = gather_rng_states(procs.world_size)
         if not procs.is_main:
             return
-        state = {
-            "format_version": CHECKPOINT_FORMAT,
-            "preset": cfg.preset,
-            "model_config": model_config.to_dict(),
-            "train_config": cfg.to_dict(),
-            "model": raw_model.state_dict(),
-            "ema": ema_model.state_dict() if ema_model is not None else None,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": schedule.state_dict(),
-            "step": step,
-            "data": {"epoch": epoch, "index": index, "seed": cfg.seed, "batch_size": cfg.batch_size},
-            "rng": rng,
-            "nonfinite_total": nonfinite_total,
-            "best_val_bits": best_val,
-            "val_bits": val_bits,
-            "elapsed_seconds": elapsed_before + time.time() - t_start,
-            "world_size": procs.world_size,
-            "torch_version": str(torch.__version__),
-        }
-        atomic_write(path, lambda f: torch.save(state, f))
+        write_checkpoint(
+            path, train_config=cfg.to_dict(), model_config=model_config.to_dict(), model=raw_model.state_dict(),
+            ema=ema_model.state_dict() if ema_model is not None else None, optimizer=optimizer.state_dict(),
+            scheduler=schedule.state_dict(), step=step,
+            data={"epoch": epoch, "index": index, "seed": cfg.seed, "batch_size": cfg.batch_size}, rng=rng,
+            nonfinite_total=nonfinite_total, best_val_bits=best_val, val_bits=val_bits,
+            elapsed_seconds=elapsed_before + time.time() - t_start, world_size=procs.world_size)
 
     def append_metrics(record: dict) -> None:
         if procs.is_main:
