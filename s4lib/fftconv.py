@@ -112,11 +112,13 @@ class _FFTConv(torch.autograd.Function):
                 del gu
             if need_K:
                 u_f = torch.fft.rfft(u[:, h], n=n).conj_physical_()
-                t = g_f[0].mul_(u_f[0]) if B == 1 else torch.einsum("bchf,bhf->chf", g_f, u_f)
+                t = g_f[0].mul_(u_f[0]) if B == 1 else g_f.mul_(u_f.unsqueeze(1)).sum(0)
                 del u_f, g_f
                 grad_K[:, h] = torch.fft.irfft(t, n=n)[..., :Lk]
                 del t
-        grad_D = torch.einsum("bchl,bhl->ch", g, u) if D is not None and ctx.needs_input_grad[2] else None
+        grad_D = None
+        if D is not None and ctx.needs_input_grad[2]:
+            grad_D = (g * u.unsqueeze(1)).sum((0, 3)) if B > 1 else (g[0] * u).sum(-1)
         return grad_u, grad_K, grad_D, None
 
 
