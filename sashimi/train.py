@@ -372,7 +372,9 @@ def validate(model, dataset, procs: Processes, local_batch: int, max_batches: in
 class StopFlag:
     """Set by the first SIGINT/SIGTERM; the loop finishes its step, checkpoints and returns.
 
-    A second signal gets the default behaviour (Ctrl-C twice aborts at once).
+    After it a SIGINT gets the default behaviour (Ctrl-C twice aborts at once), but a repeated SIGTERM
+    changes nothing: it is the same request arriving twice, as when a scheduler signals every process
+    of a job and torchrun forwards its own SIGTERM to the workers (which must still checkpoint).
     """
 
     def __init__(self):
@@ -388,9 +390,9 @@ class StopFlag:
         return self
 
     def _handle(self, signum, frame):
-        self.signal = signal.Signals(signum).name
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+        self.signal = self.signal or signal.Signals(signum).name
+        if signal.SIGINT in self._previous:
+            signal.signal(signal.SIGINT, self._previous[signal.SIGINT])
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():

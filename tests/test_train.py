@@ -1,6 +1,9 @@
 """Tests of sashimi.train, sashimi.evaluate and the sashimi CLI: learning, exact resume, signals,
-non-finite steps, checkpoint format and errors, evaluation JSON, and a 2-process torchrun run."""
+non-finite steps, checkpoint format and errors, evaluation JSON, and 2-process torchrun runs (matching one
+process, SIGTERM, resuming with another number of processes)."""
 
+import contextlib
+import glob
 import json
 import math
 import os
@@ -58,6 +61,33 @@ def subprocess_env(threads: int = 1) -> dict:
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OMP_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore")
     return env
+
+
+def wait_for_lines(proc: subprocess.Popen, path, n: int, timeout: float = 180.0) -> None:
+    """Poll until the text file `path` has at least n lines; fail if proc exits first or after timeout seconds."""
+    deadline = time.time() + timeout
+    while not (path.exists() and len(path.read_text().splitlines()) >= n):
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, f"{path} did not reach {n} lines within {timeout:.0f} s"
+        time.sleep(0.1)
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes started by process pid (Linux /proc)."""
+    kids = set()
+    for path in glob.glob(f"/proc/{pid}/task/*/children"):
+        with open(path) as f:
+            kids.update(int(k) for k in f.read().split())
+    return sorted(kids)
+
+
+def torchrun_cmd(cfg: TrainConfig, nproc: int = 2) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+            "-m", "sashimi", "train", *cli_args(cfg)]
+
+
+def assert_finite_weights(state: dict) -> None:
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
 def assert_same_tensors(a: dict, b: dict, exact: bool = True, atol: float = 0.0):
@@ -258,12 +288,7 @@ def test_sigterm_finishes_the_step_and_checkpoints(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "sashimi", "train", *cli_args(cfg)], cwd=REPO,
                             env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 180
-        metrics = tmp_path / "metrics.jsonl"
-        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
-            assert proc.poll() is None, proc.communicate()
-            assert time.time() < deadline, "training did not start"
-            time.sleep(0.2)
+        wait_for_lines(proc, tmp_path / "metrics.jsonl", 2)
         proc.send_signal(signal.SIGTERM)
         stdout, stderr = proc.communicate(timeout=180)
     finally:
@@ -321,9 +346,8 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     cfg = small(tmp_path / "one", max_steps=5, batch_size=4, val_every=5)
     single = train(cfg)
     two = small(tmp_path / "two", max_steps=5, batch_size=4, val_every=5)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "sashimi", "train", *cli_args(two)]
-    done = subprocess.run(cmd, cwd=REPO, env=subprocess_env(1), capture_output=True, text=True, timeout=600)
+    done = subprocess.run(torchrun_cmd(two), cwd=REPO, env=subprocess_env(1), capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("finished at step 5") == 1  # only rank 0 reports
 
@@ -337,3 +361,81 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     lines = lambda run: len(open(tmp_path / run / "metrics.jsonl").read().splitlines())  # noqa: E731
     assert lines("one") == lines("two") == 2
     assert math.isfinite(b["val_bits"])
+
+
+@pytest.mark.parametrize("recipients", ["launcher", "workers", "every process"])
+def test_sigterm_to_torchrun_run_checkpoints_and_exits_cleanly(tmp_path, recipients):
+    """SIGTERM to torchrun (it forwards the signal to its workers), to each worker, or to every process as a
+    scheduler does (workers first: torchrun's forwarded copy then reaches workers already stopping): every
+    process finishes the same step, rank 0 alone writes last.pt at that step, and the workers exit normally."""
+    cfg = small(tmp_path, max_steps=100_000, batch_size=4, log_every=1, val_every=10_000, ckpt_every=10_000)
+    proc = subprocess.Popen(torchrun_cmd(cfg), cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_lines(proc, tmp_path / "metrics.jsonl", 2)
+        workers = child_pids(proc.pid)
+        assert len(workers) == 2, workers
+        for pid in {"launcher": [proc.pid], "workers": workers, "every process": [*workers, proc.pid]}[recipients]:
+            os.kill(pid, signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:  # a failed test leaves no training processes behind
+            for pid in [*child_pids(proc.pid), proc.pid]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            proc.communicate()
+    if recipients == "workers":
+        assert proc.returncode == 0, stderr[-3000:]  # torchrun saw both workers exit with status 0
+    else:  # a signalled torchrun shuts its workers down and then re-raises the signal as SignalException
+        assert proc.returncode in (0, 1), stderr[-3000:]
+        assert stderr.count("Traceback") == stderr.count("SignalException: ") <= 1, stderr[-3000:]  # none from a worker
+    assert "forcefully exiting" not in stderr, stderr[-3000:]  # torchrun did not have to SIGKILL a worker
+
+    state = load_checkpoint(str(tmp_path / "last.pt"))
+    logged = [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")]
+    assert logged == list(range(1, len(logged) + 1))  # one line per step: only rank 0 wrote
+    assert state["step"] >= 2 and state["step"] == logged[-1]  # the checkpoint holds the last finished step
+    assert state["world_size"] == 2 and len(state["rng"]) == 2
+    assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])  # each process's own RNG state
+    assert_finite_weights(state)
+    assert stdout.count("SIGTERM received") == 1  # rank 0 reports, once
+    assert stdout.count(f"interrupted at step {state['step']}; checkpoint") == 1, stdout
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "last.pt", "metrics.jsonl"]  # no temporary files left
+
+
+def test_resume_with_another_number_of_processes(tmp_path, capsys):
+    """1 process for 4 steps, torchrun with 2 up to step 8, 1 process again up to 10. Each resume starts at
+    the saved step and warns that the RNG states were saved by another number of processes; as the tiny
+    preset has no dropout, the run still follows a 1-process run's trajectory (up to float rounding)."""
+    run, straight = tmp_path / "run", tmp_path / "straight"
+    settings = dict(batch_size=4, log_every=1, val_every=4, ckpt_every=4, decay_steps=10)  # one schedule for all
+    train(small(run, max_steps=4, **settings))
+    train(small(straight, max_steps=8, **settings))
+
+    done = subprocess.run(torchrun_cmd(small(run, max_steps=8, resume=True, **settings)), cwd=REPO,
+                          env=subprocess_env(1), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count(f"resumed from {run / 'last.pt'} at step 4") == 1, done.stdout
+    assert done.stdout.count("warning: checkpoint has RNG states for 1 processes, this run has 2; reseeding") == 1
+    assert done.stdout.count("finished at step 8") == 1
+    two, one = load_checkpoint(str(run / "last.pt")), load_checkpoint(str(straight / "last.pt"))
+    assert two["step"] == 8 and two["world_size"] == 2 and len(two["rng"]) == 2
+    assert two["data"] == one["data"] == {"epoch": 0, "index": 8, "seed": 0, "batch_size": 4}
+    assert_finite_weights(two)
+    assert_same_tensors(one["model"], two["model"], exact=False, atol=1e-4)
+    assert json.load(open(run / "config.json"))["world_size"] == 2
+    records = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    assert [r["step"] for r in records if "train_bits" in r] == list(range(1, 9))  # steps 1-4 kept, 5-8 added
+    assert [r["step"] for r in records if "val_bits" in r] == [4, 8]
+
+    capsys.readouterr()
+    result = train(small(run, max_steps=10, resume=True, **settings))
+    log = capsys.readouterr().out
+    assert f"resumed from {run / 'last.pt'} at step 8" in log
+    assert "warning: checkpoint has RNG states for 2 processes, this run has 1; reseeding" in log
+    train(small(straight, max_steps=10, resume=True, **settings))
+    back, one = load_checkpoint(str(run / "last.pt")), load_checkpoint(str(straight / "last.pt"))
+    assert result["status"] == "finished" and result["step"] == back["step"] == 10
+    assert back["world_size"] == 1 and len(back["rng"]) == 1 and back["data"] == one["data"]
+    assert_finite_weights(back)
+    assert_same_tensors(one["model"], back["model"], exact=False, atol=1e-4)
