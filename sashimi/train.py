@@ -6,7 +6,8 @@
 Everything happens in `train()`, top to bottom: processes, model, optimiser, data, then the loop
 (learning rate -> batch -> loss -> backward -> clip -> step -> EMA -> log -> validate -> checkpoint).
 Under `torchrun --nproc_per_node K` every process runs the same loop on 1/K of each global batch
-(DistributedDataParallel); only rank 0 writes files. Checkpoints: sashimi/checkpoint.py; see docs/training.md.
+(DistributedDataParallel); only rank 0 writes files. Checkpoints: sashimi/checkpoint.py; learning-rate schedule:
+sashimi/schedule.py; processes, data order, seeds, signals, metrics files: sashimi/runtime.py; see docs/training.md.
 """
 
 from __future__ import annotations
@@ -17,12 +18,9 @@ import dataclasses
 import json
 import math
 import os
-import random
-import signal
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
@@ -35,6 +33,10 @@ from .checkpoint import (BEST_CHECKPOINT, LAST_CHECKPOINT, CheckpointError, _con
 from .checkpoint import CHECKPOINT_FORMAT, model_from_checkpoint, resolve_checkpoint, rng_state  # noqa: F401 (re-exported)
 from .data import make_dataset
 from .model import PRESETS, ModelConfig, activation_bytes, build_model, count_parameters
+from .runtime import (GlobalBatches, Processes, StopFlag, batch_stream, plot_curves, read_metrics, seed_everything,
+                      setup_processes, write_json)
+from .runtime import _ignore_sigint  # noqa: F401 (re-exported)
+from .schedule import LRSchedule
 
 __all__ = ["TrainConfig", "train", "NonFiniteLossError", "CheckpointError", "load_checkpoint",
            "resolve_checkpoint", "model_from_checkpoint", "CHECKPOINT_FORMAT", "LAST_CHECKPOINT",
@@ -140,46 +142,6 @@ class NonFiniteLossError(RuntimeError):
     """Too many consecutive steps had a non-finite loss or gradient; the run stopped."""
 
 
-# ----------------------------------------------------------------------------- processes
-
-
-@dataclass
-class Processes:
-    """Where this process sits: rank among world_size processes, and its device."""
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device = torch.device("cpu")
-    owns_group: bool = False  # this train() call created the process group (and destroys it)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def all_sum(self, values: list[float]) -> list[float]:
-        """Sum numbers over processes (float64)."""
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        if self.world_size > 1:
-            dist.all_reduce(t)
-        return t.tolist()
-
-
-def setup_processes() -> Processes:
-    """Join the process group when launched by torchrun (RANK / WORLD_SIZE / LOCAL_RANK are set)."""
-    if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
-        return Processes(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        device, backend = torch.device("cuda", local_rank), "nccl"
-        torch.cuda.set_device(device)
-    else:
-        device, backend = torch.device("cpu"), "gloo"
-    owns = not dist.is_initialized()
-    if owns:
-        dist.init_process_group(backend=backend)
-    return Processes(rank, world_size, device, owns)
-
-
 # ----------------------------------------------------------------------------- model config
 
 
@@ -200,137 +162,6 @@ def checkpointing_decision(cfg: TrainConfig, model_config: ModelConfig, local_ba
     if cfg.checkpointing == "auto":
         return estimate > CHECKPOINT_AUTO_BYTES, estimate
     return cfg.checkpointing == "on", estimate
-
-
-# ----------------------------------------------------------------------------- learning rate
-
-
-class LRSchedule:
-    """Learning-rate multiplier: linear warmup, then cosine decay or reduce-on-plateau.
-
-    factor(step) multiplies every parameter group's initial lr (so SSM groups with their own
-    lr are scaled alike). `observe(val_bits)` feeds the plateau rule after each validation.
-    """
-
-    def __init__(self, cfg: TrainConfig):
-        self.kind, self.warmup = cfg.schedule, cfg.warmup_steps
-        self.decay_steps = cfg.decay_steps or cfg.max_steps
-        self.min_ratio = cfg.min_lr_ratio
-        self.factor_on_plateau, self.patience = cfg.plateau_factor, cfg.plateau_patience
-        self.plateau_scale, self.best, self.bad_validations = 1.0, math.inf, 0
-
-    def factor(self, step: int) -> float:
-        if step < self.warmup:
-            return (step + 1) / self.warmup
-        if self.kind == "plateau":
-            return self.plateau_scale
-        progress = min(1.0, (step - self.warmup) / max(1, self.decay_steps - self.warmup))
-        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    def observe(self, val_bits: float) -> None:
-        if self.kind != "plateau":
-            return
-        if val_bits < self.best:
-            self.best, self.bad_validations = val_bits, 0
-        else:
-            self.bad_validations += 1
-            if self.bad_validations > self.patience:
-                self.plateau_scale *= self.factor_on_plateau
-                self.bad_validations = 0
-
-    def state_dict(self) -> dict:
-        return {"plateau_scale": self.plateau_scale, "best": self.best, "bad_validations": self.bad_validations}
-
-    def load_state_dict(self, d: dict) -> None:
-        self.plateau_scale, self.best, self.bad_validations = d["plateau_scale"], d["best"], d["bad_validations"]
-
-
-# ----------------------------------------------------------------------------- data order
-
-
-class GlobalBatches:
-    """Deterministic data order: epoch e is a permutation seeded by (seed, e), cut into global batches.
-
-    The last incomplete batch of an epoch is dropped. Process `rank` of `world_size` takes the
-    rank-th contiguous slice of every global batch, so K processes see exactly the batches one
-    process would see. A position (epoch, index) says where the next batch starts.
-    """
-
-    def __init__(self, n_items: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
-        if batch_size % world_size:
-            raise ValueError(f"batch_size={batch_size} must be divisible by the number of processes ({world_size})")
-        if n_items < batch_size:
-            raise ValueError(f"the training split has {n_items} items, fewer than batch_size={batch_size}")
-        self.n_items, self.batch_size, self.seed = n_items, batch_size, seed
-        self.rank, self.world_size = rank, world_size
-        self.per_epoch = n_items // batch_size
-
-    def local_batches(self, epoch: int) -> list[list[int]]:
-        order = np.random.default_rng([self.seed, epoch]).permutation(self.n_items)
-        local = self.batch_size // self.world_size
-        starts = range(0, self.per_epoch * self.batch_size, self.batch_size)
-        return [order[s + self.rank * local: s + (self.rank + 1) * local].tolist() for s in starts]
-
-
-def _ignore_sigint(_worker_id: int) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
-
-
-def batch_stream(dataset, batches: GlobalBatches, epoch: int, index: int, num_workers: int):
-    """Yield (epoch, index, batch) forever from position (epoch, index); the position is the one after the batch."""
-    while True:
-        loader = DataLoader(dataset, batch_sampler=batches.local_batches(epoch)[index:], num_workers=num_workers,
-                            generator=torch.Generator(),  # keeps the global RNG untouched
-                            worker_init_fn=_ignore_sigint if num_workers else None)
-        for batch in loader:
-            index += 1
-            yield epoch, index, batch
-        epoch, index = epoch + 1, 0
-
-
-# ----------------------------------------------------------------------------- seeds
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-# ----------------------------------------------------------------------------- files
-
-
-def write_json(path: str, obj) -> None:
-    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
-
-
-def read_metrics(path: str) -> list[dict]:
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def plot_curves(metrics_path: str, png_path: str) -> None:
-    """Train and validation bits/sample against step, from metrics.jsonl."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    records = read_metrics(metrics_path)
-    fig = Figure(figsize=(7, 4.5))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    for key, style in (("train_bits", "-"), ("val_bits", "o-")):
-        points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
-        if points:
-            ax.plot(*zip(*points), style, label=key.replace("_", " "), markersize=3)
-    ax.set_xlabel("step")
-    ax.set_ylabel("NLL (bits / sample)")
-    ax.grid(alpha=0.3)
-    if records:
-        ax.legend()
-    fig.tight_layout()
-    atomic_write(png_path, lambda f: fig.savefig(f, format="png", dpi=100))
 
 
 # ----------------------------------------------------------------------------- EMA and validation
@@ -364,39 +195,6 @@ def validate(model, dataset, procs: Processes, local_batch: int, max_batches: in
     model.train(was_training)
     total_bits, total_count = procs.all_sum([total_bits, total_count])
     return total_bits / max(total_count, 1.0), int(total_count)
-
-
-# ----------------------------------------------------------------------------- signals
-
-
-class StopFlag:
-    """Set by the first SIGINT/SIGTERM; the loop finishes its step, checkpoints and returns.
-
-    After it a SIGINT gets the default behaviour (Ctrl-C twice aborts at once), but a repeated SIGTERM
-    changes nothing: it is the same request arriving twice, as when a scheduler signals every process
-    of a job and torchrun forwards its own SIGTERM to the workers (which must still checkpoint).
-    """
-
-    def __init__(self):
-        self.signal = None
-        self._previous = {}
-
-    def __enter__(self):
-        try:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        except ValueError:  # not the main thread: no signal handling
-            pass
-        return self
-
-    def _handle(self, signum, frame):
-        self.signal = self.signal or signal.Signals(signum).name
-        if signal.SIGINT in self._previous:
-            signal.signal(signal.SIGINT, self._previous[signal.SIGINT])
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 # ----------------------------------------------------------------------------- training
