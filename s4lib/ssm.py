@@ -101,6 +101,8 @@ class SSMKernel(nn.Module):
             raise ValueError(f"unknown real_transform {real_transform!r}; expected one of {REAL_TRANSFORMS}")
         if backend is not None:
             ops.dispatch.resolve_name(backend)  # validate early
+        # import / build the kernel backend now, not inside a later torch.compile trace
+        ops.dispatch.prepare(backend)
         self.H, self.N, self.n = d_model, d_state, d_state // 2
         self.channels, self.n_ssm = channels, n_ssm
         self.repeat = d_model // n_ssm
@@ -326,6 +328,15 @@ class SSMKernelDPLR(SSMKernel):
         self._register("B", _as_real(B), "B")
         self._register("C", _as_real(C), None)
         self.register_buffer("l_kernel", torch.tensor(0))
+        # the same length as a Python int: reading the buffer with .item() in forward would make the
+        # FFT size data-dependent and break torch.compile(fullgraph=True); kept in sync by
+        # _attune_C and by loading a state dict
+        self._l_kernel_int = 0
+        self.register_load_state_dict_post_hook(SSMKernelDPLR._sync_l_kernel)
+
+    @staticmethod
+    def _sync_l_kernel(module, incompatible_keys=None):
+        module._l_kernel_int = int(module.l_kernel)
 
     # ------------------------------------------------------------ parameters
     def PQ(self):
@@ -351,7 +362,7 @@ class SSMKernelDPLR(SSMKernel):
     @torch.no_grad()
     def _attune_C(self, L: int):
         """Set C~ for length L (first use), or double the current length."""
-        current = int(self.l_kernel.item())
+        current = self._l_kernel_int
         dA, _ = self.dense_system()
         c = output_functional(_as_complex(self.C).to(torch.complex128))  # (C, H, N)
         dA_L = torch.linalg.matrix_power(dA, current if current > 0 else L)
@@ -362,14 +373,15 @@ class SSMKernelDPLR(SSMKernel):
             c_new, new_length = c + prod, 2 * current
         self.C.copy_(_as_real(functional_to_complex(c_new).to(self.complex_dtype)))
         self.l_kernel.fill_(new_length)
+        self._l_kernel_int = new_length
 
     def _kernel_length(self, L: int, rate: float) -> int:
-        if int(self.l_kernel.item()) == 0 and self.l_max:
+        if self._l_kernel_int == 0 and self.l_max:
             self._attune_C(int(self.l_max))
         continuous_L = round(rate * L)
-        while continuous_L > int(self.l_kernel.item()):
+        while continuous_L > self._l_kernel_int:
             self._attune_C(continuous_L)
-        return max(L, round(int(self.l_kernel.item()) / rate))
+        return max(L, round(self._l_kernel_int / rate))
 
     # ------------------------------------------------------------ convolution mode
     def forward(self, L: int, state: torch.Tensor | None = None, rate: float = 1.0):
@@ -446,7 +458,7 @@ class SSMKernelDPLR(SSMKernel):
     def true_C(self) -> torch.Tensor:
         """C (channels, H, n) from the stored C~: solve (I - dA^L)^T c = c~ in float64."""
         C_tilde = _as_complex(self.C).to(torch.complex128)
-        L = int(self.l_kernel.item())
+        L = self._l_kernel_int
         if L == 0:
             return C_tilde
         dA, _ = self.dense_system()

@@ -515,3 +515,39 @@ def test_kernels_use_more_than_one_thread(native_cpu):
     finally:
         torch.set_num_threads(saved)
     assert best > 1.2, f"CPU time / wall time = {best:.2f}: the kernel ran on one thread"
+
+
+@pytest.mark.parametrize("mode", ["dplr", "diag"])
+@pytest.mark.parametrize("warm", [False, True])
+def test_compiled_layer_is_one_graph_and_matches_eager(native_cpu, mode, warm):
+    """torch.compile(FFTConv, fullgraph=True): no graph break anywhere in the layer (the kernel
+    length is a Python int, not a tensor read with .item()), same output and gradients as eager,
+    whether or not C~ was attuned before compiling."""
+    from s4lib import FFTConv
+
+    torch._dynamo.reset()
+    torch.manual_seed(5)
+    layer = FFTConv(8, d_state=16, mode=mode, backend="native")
+    eager_layer = FFTConv(8, d_state=16, mode=mode, backend="native")
+    eager_layer.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 8, 64)
+    if warm:
+        layer(x), eager_layer(x)
+    y, _ = torch.compile(layer, fullgraph=True, backend="aot_eager")(x)
+    y_eager, _ = eager_layer(x)
+    torch.testing.assert_close(y, y_eager)
+    y.square().sum().backward()
+    y_eager.square().sum().backward()
+    for (name, p), q in zip(layer.named_parameters(), eager_layer.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
+def test_attuned_kernel_length_survives_state_dict_round_trip():
+    from s4lib import FFTConv
+
+    layer = FFTConv(4, d_state=8, mode="dplr", backend="naive")
+    layer(torch.randn(1, 4, 100))
+    clone = FFTConv(4, d_state=8, mode="dplr", backend="naive")
+    clone.load_state_dict(layer.state_dict())
+    assert clone.kernel._l_kernel_int == layer.kernel._l_kernel_int == 100
+    torch.testing.assert_close(clone(torch.ones(1, 4, 100))[0], layer(torch.ones(1, 4, 100))[0])

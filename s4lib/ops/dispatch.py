@@ -97,6 +97,28 @@ def chain(name: str, device: torch.device) -> list[str]:
     return order
 
 
+def prepare(backend: str | None = None, device="cpu") -> str | None:
+    """Import, and for 'native' build or load, the backend that call() will pick on `device`.
+
+    Layers call this when they are built, so that the first call of an op inside
+    torch.compile only reads cached state (an import or a compiler run cannot be traced).
+    Returns the backend's name, or None if none is usable; never raises for a broken backend
+    (call() then warns and falls back as usual).
+    """
+    device = torch.device(device)
+    for candidate in chain(resolve_name(backend), device):
+        if not backend_status(candidate)[0]:
+            continue
+        impl = get_backend(candidate)
+        try:
+            if hasattr(impl, "prepare"):
+                impl.prepare(device)
+        except Exception:
+            continue
+        return candidate
+    return None
+
+
 def call(op: str, backend: str | None, tensors: tuple, *args):
     """Run `op` on the first backend of the chain that can serve it."""
     name = resolve_name(backend)

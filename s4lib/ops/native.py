@@ -68,6 +68,16 @@ class _Native:
             return None
         return f"device {device.type} not supported (cpu, cuda)"
 
+    def prepare(self, device: torch.device) -> None:
+        """Build or load what supports() would need on `device` (raises RuntimeError if impossible)."""
+        if device.type == "cpu":
+            native_build.load()
+        elif device.type == "cuda":
+            ok, reason = triton_status()
+            if not ok:
+                raise RuntimeError(reason)
+            from . import triton_kernels  # noqa: F401
+
     def cauchy(self, v, z, w):
         return torch.ops.s4lib.cauchy(v, z, w)
 
