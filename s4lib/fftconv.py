@@ -127,12 +127,17 @@ def fft_conv(u: torch.Tensor, K: torch.Tensor, n: int, D: torch.Tensor | None = 
 
     With n >= L + Lk - 1 this is the causal linear convolution. D (C, H), if given, adds the skip
     term D u. The backward saves only u and K (see _FFTConv), so it costs no more memory than
-    the forward.
+    the forward. Half-precision inputs are computed, and returned, in float32.
     """
     if n < max(u.shape[-1], K.shape[-1]):
         raise ValueError(f"FFT size n={n} is shorter than the input ({u.shape[-1]}) or kernel ({K.shape[-1]})")
     if u.is_complex() or K.is_complex():
         raise TypeError("fft_conv takes real u and K")
+    # pocketfft has no half types: bfloat16/float16 inputs (e.g. under CPU autocast, which runs the
+    # forward FFTs in float32 by itself but not the backward's) are computed and returned in float32
+    dtype = torch.promote_types(torch.promote_types(u.dtype, K.dtype), torch.float32)
+    u, K = u.to(dtype), K.to(dtype)
+    D = D.to(dtype) if D is not None else None
     return _FFTConv.apply(u, K, D, n)
 
 

@@ -345,3 +345,21 @@ def test_fft_conv_gradcheck_and_bad_sizes():
         s4lib.fftconv.fft_conv(u, K, 6)
     with pytest.raises(TypeError, match="real"):
         s4lib.fftconv.fft_conv(u.to(torch.complex128), K, 12)
+
+
+def test_fft_conv_half_inputs_compute_in_float32():
+    """bfloat16 inputs (as CPU autocast hands them over) are convolved in float32, forward and backward."""
+    torch.manual_seed(1)
+    u = torch.randn(2, 3, 40).bfloat16().requires_grad_()
+    K = torch.randn(1, 3, 40).bfloat16().requires_grad_()
+    D = torch.randn(1, 3).requires_grad_()
+    y = s4lib.fftconv.fft_conv(u, K, 80, D=D)
+    assert y.dtype == torch.float32
+    y.square().sum().backward()
+    u32, K32, D32 = (t.detach().float().requires_grad_() for t in (u, K, D))
+    y32 = s4lib.fftconv.fft_conv(u32, K32, 80, D=D32)
+    y32.square().sum().backward()
+    torch.testing.assert_close(y, y32)
+    assert u.grad.dtype == torch.bfloat16 and K.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(u.grad.float(), u32.grad.bfloat16().float())
+    torch.testing.assert_close(D.grad, D32.grad)
