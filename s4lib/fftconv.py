@@ -86,11 +86,12 @@ class _FFTConv(torch.autograd.Function):
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         u, K, D = ctx.saved_tensors
         n, (B, H, L), (C, _, Lk) = ctx.n, u.shape, K.shape
         need_u, need_K = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward (no in-place ops)
+            return _FFTConv.differentiable_backward(u, K, D, n, g, ctx.needs_input_grad)
         grad_u = torch.empty_like(u) if need_u else None
         grad_K = torch.empty_like(K) if need_K else None
         row_bytes = B * C * (n // 2 + 1) * 2 * u.element_size()
@@ -121,13 +122,29 @@ class _FFTConv(torch.autograd.Function):
             grad_D = (g * u.unsqueeze(1)).sum((0, 3)) if B > 1 else (g[0] * u).sum(-1)
         return grad_u, grad_K, grad_D, None
 
+    @staticmethod
+    def differentiable_backward(u, K, D, n, g, needs):
+        """The same gradients with out-of-place ops on whole tensors, for higher-order derivatives."""
+        L, Lk = u.shape[-1], K.shape[-1]
+        g_f = torch.fft.rfft(g, n=n)  # (B, C, H, n/2+1)
+        grad_u = grad_K = grad_D = None
+        if needs[0]:
+            grad_u = torch.fft.irfft((g_f * torch.fft.rfft(K, n=n).conj()).sum(1), n=n)[..., :L]
+            if D is not None:
+                grad_u = grad_u + (g * D.unsqueeze(-1)).sum(1)
+        if needs[1]:
+            grad_K = torch.fft.irfft((g_f * torch.fft.rfft(u, n=n).conj().unsqueeze(1)).sum(0), n=n)[..., :Lk]
+        if D is not None and needs[2]:
+            grad_D = (g * u.unsqueeze(1)).sum((0, 3))
+        return grad_u, grad_K, grad_D, None
+
 
 def fft_conv(u: torch.Tensor, K: torch.Tensor, n: int, D: torch.Tensor | None = None) -> torch.Tensor:
     """Circular convolution of u (B, H, L) with K (C, H, Lk) by FFT of size n, first L outputs: (B, C, H, L).
 
     With n >= L + Lk - 1 this is the causal linear convolution. D (C, H), if given, adds the skip
     term D u. The backward saves only u and K (see _FFTConv), so it costs no more memory than
-    the forward. Half-precision inputs are computed, and returned, in float32.
+    the forward; it is itself differentiable (double backward works). Half-precision inputs are computed, and returned, in float32.
     """
     if n < max(u.shape[-1], K.shape[-1]):
         raise ValueError(f"FFT size n={n} is shorter than the input ({u.shape[-1]}) or kernel ({K.shape[-1]})")

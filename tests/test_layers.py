@@ -341,6 +341,7 @@ def test_fft_conv_gradcheck_and_bad_sizes():
     K = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
     D = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda u, K, D: s4lib.fftconv.fft_conv(u, K, 12, D=D), (u, K, D))
+    assert torch.autograd.gradgradcheck(lambda u, K, D: s4lib.fftconv.fft_conv(u, K, 12, D=D), (u, K, D))
     with pytest.raises(ValueError, match="FFT size"):
         s4lib.fftconv.fft_conv(u, K, 6)
     with pytest.raises(TypeError, match="real"):
