@@ -50,102 +50,153 @@ def _exp_lx(x_re, x_im, l):
     return mag * (c - s * err_im), mag * (s + c * err_im)
 
 
+# --- tile prologue/epilogue helpers shared by the kernels (inlined by Triton) --------------------
+
+
+@triton.jit
+def _tile(start, size, BLOCK: tl.constexpr):
+    """Offsets start + [0, BLOCK) along an axis of length size, and the mask of those inside it."""
+    offs = start + tl.arange(0, BLOCK)
+    return offs, offs < size
+
+
+@triton.jit
+def _program_tile(size, BLOCK: tl.constexpr):
+    """The tile program (b, j) owns: row b (int64) and offsets j * BLOCK + [0, BLOCK) along an axis of length size,
+    with their mask."""
+    b = tl.program_id(0).to(tl.int64)
+    offs, mask = _tile(tl.program_id(1) * BLOCK, size, BLOCK)
+    return b, offs, mask
+
+
+@triton.jit
+def _complex_zeros(BLOCK: tl.constexpr, like):
+    """Re/Im planes of a complex accumulator of BLOCK zeros in the dtype of like."""
+    return tl.zeros([BLOCK], dtype=like.dtype), tl.zeros([BLOCK], dtype=like.dtype)
+
+
+@triton.jit
+def _load_complex(ptr, offs, mask, OTHER_RE: tl.constexpr):
+    """Re and Im planes of the complex elements ptr[offs] (interleaved re/im); masked lanes read OTHER_RE + 0j."""
+    re = tl.load(ptr + 2 * offs, mask=mask, other=OTHER_RE)
+    im = tl.load(ptr + 2 * offs + 1, mask=mask, other=0.0)
+    return re, im
+
+
+@triton.jit
+def _store_complex(ptr, offs, re, im, mask):
+    """ptr[offs] = re + i im (interleaved re/im)."""
+    tl.store(ptr + 2 * offs, re, mask=mask)
+    tl.store(ptr + 2 * offs + 1, im, mask=mask)
+
+
+@triton.jit
+def _load_z(z_ptr, offs_k, mask_k):
+    """Re/Im planes of the nodes z[offs_k]; masked lanes read z = 1 (nonzero, their terms are discarded)."""
+    return _load_complex(z_ptr, offs_k, mask_k, 1.0)
+
+
+@triton.jit
+def _load_row_pair(a_ptr, c_ptr, offs, mask):
+    """Re/Im planes of a[offs] and c[offs], two (B, N) complex inputs indexed alike; masked lanes read 0."""
+    a_re, a_im = _load_complex(a_ptr, offs, mask, 0.0)
+    c_re, c_im = _load_complex(c_ptr, offs, mask, 0.0)
+    return a_re, a_im, c_re, c_im
+
+
+@triton.jit
+def _load_n_chunk(a_ptr, c_ptr, b, N, n0, BLOCK_N: tl.constexpr):
+    """Chunk n0 + [0, BLOCK_N) of row b of two (B, N) complex inputs: mask_n and the Re/Im planes as columns."""
+    offs_n, mask_n = _tile(n0, N, BLOCK_N)
+    a_re, a_im, c_re, c_im = _load_row_pair(a_ptr, c_ptr, b * N + offs_n, mask_n)
+    return mask_n, a_re[:, None], a_im[:, None], c_re[:, None], c_im[:, None]
+
+
+@triton.jit
+def _cauchy_poles(z_re, z_im, w_re, w_im):
+    """p1 = 1/(z - w) and p2 = 1/(z - conj w), z and w broadcast against each other."""
+    d = z_re - w_re
+    p1_re, p1_im = _scaled_reciprocal(d, z_im - w_im)
+    p2_re, p2_im = _scaled_reciprocal(d, z_im + w_im)
+    return p1_re, p1_im, p2_re, p2_im
+
+
+@triton.jit
+def _cauchy_n_chunk(v_ptr, w_ptr, z_re, z_im, b, N, n0, BLOCK_N: tl.constexpr):
+    """Chunk n0 + [0, BLOCK_N) of row b of v and w against a row (1, BLOCK_K) of z:
+    mask_n, v as columns, and the (BLOCK_N, BLOCK_K) poles p1 = 1/(z - w), p2 = 1/(z - conj w)."""
+    mask_n, v_re, v_im, w_re, w_im = _load_n_chunk(v_ptr, w_ptr, b, N, n0, BLOCK_N)
+    p1_re, p1_im, p2_re, p2_im = _cauchy_poles(z_re, z_im, w_re, w_im)
+    return mask_n, v_re, v_im, p1_re, p1_im, p2_re, p2_im
+
+
+@triton.jit
+def _masked_sum(keep, t, AXIS: tl.constexpr):
+    """Sum of t along AXIS over the lanes where keep holds (masked lanes may hold garbage)."""
+    return tl.sum(tl.where(keep, t, 0.0), axis=AXIS)
+
+
+# --- kernels --------------------------------------------------------------------------------------
+
+
 @triton.jit
 def _cauchy_forward_kernel(v_ptr, w_ptr, z_ptr, out_ptr, N, L, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
-    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask_k = offs_k < L
-    z_re = tl.load(z_ptr + 2 * offs_k, mask=mask_k, other=1.0)
-    z_im = tl.load(z_ptr + 2 * offs_k + 1, mask=mask_k, other=0.0)
-    acc_re = tl.zeros([BLOCK_K], dtype=z_re.dtype)
-    acc_im = tl.zeros([BLOCK_K], dtype=z_re.dtype)
+    b, offs_k, mask_k = _program_tile(L, BLOCK_K)
+    z_re, z_im = _load_z(z_ptr, offs_k, mask_k)
+    acc_re, acc_im = _complex_zeros(BLOCK_K, z_re)
     for n0 in range(0, N, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        base = 2 * (b * N + offs_n)
-        v_re = tl.load(v_ptr + base, mask=mask_n, other=0.0)[:, None]
-        v_im = tl.load(v_ptr + base + 1, mask=mask_n, other=0.0)[:, None]
-        w_re = tl.load(w_ptr + base, mask=mask_n, other=0.0)[:, None]
-        w_im = tl.load(w_ptr + base + 1, mask=mask_n, other=0.0)[:, None]
-        d = z_re[None, :] - w_re
-        p1_re, p1_im = _scaled_reciprocal(d, z_im[None, :] - w_im)  # 1/(z - w)
-        p2_re, p2_im = _scaled_reciprocal(d, z_im[None, :] + w_im)  # 1/(z - conj w)
+        mask_n, v_re, v_im, p1_re, p1_im, p2_re, p2_im = _cauchy_n_chunk(v_ptr, w_ptr, z_re[None, :], z_im[None, :],
+                                                                         b, N, n0, BLOCK_N)
         # v p1 + conj(v) p2
         t_re = (v_re * p1_re - v_im * p1_im) + (v_re * p2_re + v_im * p2_im)
         t_im = (v_re * p1_im + v_im * p1_re) + (v_re * p2_im - v_im * p2_re)
         keep = mask_n[:, None] & mask_k[None, :]
-        acc_re += tl.sum(tl.where(keep, t_re, 0.0), axis=0)
-        acc_im += tl.sum(tl.where(keep, t_im, 0.0), axis=0)
-    out = 2 * (b * L + offs_k)
-    tl.store(out_ptr + out, acc_re, mask=mask_k)
-    tl.store(out_ptr + out + 1, acc_im, mask=mask_k)
+        acc_re += _masked_sum(keep, t_re, 0)
+        acc_im += _masked_sum(keep, t_im, 0)
+    _store_complex(out_ptr, b * L + offs_k, acc_re, acc_im, mask_k)
 
 
 @triton.jit
 def _cauchy_backward_vw_kernel(g_ptr, v_ptr, w_ptr, z_ptr, gv_ptr, gw_ptr, N, L,
                                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    base = 2 * (b * N + offs_n)
-    v_re = tl.load(v_ptr + base, mask=mask_n, other=0.0)
-    v_im = tl.load(v_ptr + base + 1, mask=mask_n, other=0.0)
-    w_re = tl.load(w_ptr + base, mask=mask_n, other=0.0)
-    w_im = tl.load(w_ptr + base + 1, mask=mask_n, other=0.0)
-    sv_re = tl.zeros([BLOCK_N], dtype=v_re.dtype)
-    sv_im = tl.zeros([BLOCK_N], dtype=v_re.dtype)
-    sw_re = tl.zeros([BLOCK_N], dtype=v_re.dtype)
-    sw_im = tl.zeros([BLOCK_N], dtype=v_re.dtype)
+    b, offs_n, mask_n = _program_tile(N, BLOCK_N)
+    rows = b * N + offs_n
+    v_re, v_im, w_re, w_im = _load_row_pair(v_ptr, w_ptr, rows, mask_n)
+    sv_re, sv_im = _complex_zeros(BLOCK_N, v_re)
+    sw_re, sw_im = _complex_zeros(BLOCK_N, v_re)
     for k0 in range(0, L, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < L
-        z_re = tl.load(z_ptr + 2 * offs_k, mask=mask_k, other=1.0)[None, :]
-        z_im = tl.load(z_ptr + 2 * offs_k + 1, mask=mask_k, other=0.0)[None, :]
-        g_re = tl.load(g_ptr + 2 * (b * L + offs_k), mask=mask_k, other=0.0)[None, :]
-        g_im = tl.load(g_ptr + 2 * (b * L + offs_k) + 1, mask=mask_k, other=0.0)[None, :]
-        d = z_re - w_re[:, None]
-        p1_re, p1_im = _scaled_reciprocal(d, z_im - w_im[:, None])
-        p2_re, p2_im = _scaled_reciprocal(d, z_im + w_im[:, None])
+        offs_k, mask_k = _tile(k0, L, BLOCK_K)
+        z_re, z_im = _load_z(z_ptr, offs_k, mask_k)
+        g_re, g_im = _load_complex(g_ptr, b * L + offs_k, mask_k, 0.0)
+        g_re = g_re[None, :]
+        g_im = g_im[None, :]
+        p1_re, p1_im, p2_re, p2_im = _cauchy_poles(z_re[None, :], z_im[None, :], w_re[:, None], w_im[:, None])
         A_re = g_re * p1_re + g_im * p1_im  # g conj(p1)
         A_im = g_im * p1_re - g_re * p1_im
         B_re = g_re * p2_re + g_im * p2_im  # conj(g) p2
         B_im = g_re * p2_im - g_im * p2_re
-        keep = mask_n[:, None] & mask_k
-        sv_re += tl.sum(tl.where(keep, A_re + B_re, 0.0), axis=1)
-        sv_im += tl.sum(tl.where(keep, A_im + B_im, 0.0), axis=1)
+        keep = mask_n[:, None] & mask_k[None, :]
+        sv_re += _masked_sum(keep, A_re + B_re, 1)
+        sv_im += _masked_sum(keep, A_im + B_im, 1)
         # A conj(p1) + B p2
-        sw_re += tl.sum(tl.where(keep, (A_re * p1_re + A_im * p1_im) + (B_re * p2_re - B_im * p2_im), 0.0), axis=1)
-        sw_im += tl.sum(tl.where(keep, (A_im * p1_re - A_re * p1_im) + (B_re * p2_im + B_im * p2_re), 0.0), axis=1)
-    tl.store(gv_ptr + base, sv_re, mask=mask_n)
-    tl.store(gv_ptr + base + 1, sv_im, mask=mask_n)
-    tl.store(gw_ptr + base, v_re * sw_re + v_im * sw_im, mask=mask_n)  # conj(v) SW
-    tl.store(gw_ptr + base + 1, v_re * sw_im - v_im * sw_re, mask=mask_n)
+        sw_re += _masked_sum(keep, (A_re * p1_re + A_im * p1_im) + (B_re * p2_re - B_im * p2_im), 1)
+        sw_im += _masked_sum(keep, (A_im * p1_re - A_re * p1_im) + (B_re * p2_im + B_im * p2_re), 1)
+    _store_complex(gv_ptr, rows, sv_re, sv_im, mask_n)
+    _store_complex(gw_ptr, rows, v_re * sw_re + v_im * sw_im, v_re * sw_im - v_im * sw_re, mask_n)  # conj(v) SW
 
 
 @triton.jit
 def _cauchy_backward_z_kernel(g_ptr, v_ptr, w_ptr, z_ptr, gz_ptr, B, N, L,
                               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask_k = offs_k < L
-    z_re = tl.load(z_ptr + 2 * offs_k, mask=mask_k, other=1.0)
-    z_im = tl.load(z_ptr + 2 * offs_k + 1, mask=mask_k, other=0.0)
-    gz_re = tl.zeros([BLOCK_K], dtype=z_re.dtype)
-    gz_im = tl.zeros([BLOCK_K], dtype=z_re.dtype)
+    offs_k, mask_k = _tile(tl.program_id(0) * BLOCK_K, L, BLOCK_K)
+    z_re, z_im = _load_z(z_ptr, offs_k, mask_k)
+    gz_re, gz_im = _complex_zeros(BLOCK_K, z_re)
     for b_idx in range(0, B):
         b = b_idx + tl.zeros([1], dtype=tl.int64)  # int64 row offsets (b_idx is int32, or a Python int when interpreted)
-        t_re = tl.zeros([BLOCK_K], dtype=z_re.dtype)
-        t_im = tl.zeros([BLOCK_K], dtype=z_re.dtype)
+        t_re, t_im = _complex_zeros(BLOCK_K, z_re)
         for n0 in range(0, N, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            mask_n = offs_n < N
-            base = 2 * (b * N + offs_n)
-            v_re = tl.load(v_ptr + base, mask=mask_n, other=0.0)[:, None]
-            v_im = tl.load(v_ptr + base + 1, mask=mask_n, other=0.0)[:, None]
-            w_re = tl.load(w_ptr + base, mask=mask_n, other=0.0)[:, None]
-            w_im = tl.load(w_ptr + base + 1, mask=mask_n, other=0.0)[:, None]
-            d = z_re[None, :] - w_re
-            p1_re, p1_im = _scaled_reciprocal(d, z_im[None, :] - w_im)
-            p2_re, p2_im = _scaled_reciprocal(d, z_im[None, :] + w_im)
+            mask_n, v_re, v_im, p1_re, p1_im, p2_re, p2_im = _cauchy_n_chunk(v_ptr, w_ptr, z_re[None, :],
+                                                                             z_im[None, :], b, N, n0, BLOCK_N)
             q1_re = p1_re * p1_re - p1_im * p1_im
             q1_im = 2 * p1_re * p1_im
             q2_re = p2_re * p2_re - p2_im * p2_im
@@ -153,53 +204,37 @@ def _cauchy_backward_z_kernel(g_ptr, v_ptr, w_ptr, z_ptr, gz_ptr, B, N, L,
             s_re = (v_re * q1_re - v_im * q1_im) + (v_re * q2_re + v_im * q2_im)  # v p1^2 + conj(v) p2^2
             s_im = (v_re * q1_im + v_im * q1_re) + (v_re * q2_im - v_im * q2_re)
             keep = mask_n[:, None] & mask_k[None, :]
-            t_re += tl.sum(tl.where(keep, s_re, 0.0), axis=0)
-            t_im += tl.sum(tl.where(keep, s_im, 0.0), axis=0)
-        g_re = tl.load(g_ptr + 2 * (b * L + offs_k), mask=mask_k, other=0.0)
-        g_im = tl.load(g_ptr + 2 * (b * L + offs_k) + 1, mask=mask_k, other=0.0)
+            t_re += _masked_sum(keep, s_re, 0)
+            t_im += _masked_sum(keep, s_im, 0)
+        g_re, g_im = _load_complex(g_ptr, b * L + offs_k, mask_k, 0.0)
         gz_re -= g_re * t_re + g_im * t_im  # -g conj(T)
         gz_im -= g_im * t_re - g_re * t_im
-    tl.store(gz_ptr + 2 * offs_k, gz_re, mask=mask_k)
-    tl.store(gz_ptr + 2 * offs_k + 1, gz_im, mask=mask_k)
+    _store_complex(gz_ptr, offs_k, gz_re, gz_im, mask_k)
 
 
 @triton.jit
 def _log_vandermonde_kernel(v_ptr, x_ptr, out_ptr, N, L, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
-    offs_l = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
-    mask_l = offs_l < L
+    b, offs_l, mask_l = _program_tile(L, BLOCK_L)
     acc = tl.zeros([BLOCK_L], dtype=tl.load(x_ptr).dtype)
     l = offs_l.to(acc.dtype)[None, :]
     for n0 in range(0, N, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        base = 2 * (b * N + offs_n)
-        v_re = tl.load(v_ptr + base, mask=mask_n, other=0.0)[:, None]
-        v_im = tl.load(v_ptr + base + 1, mask=mask_n, other=0.0)[:, None]
-        x_re = tl.load(x_ptr + base, mask=mask_n, other=0.0)[:, None]
-        x_im = tl.load(x_ptr + base + 1, mask=mask_n, other=0.0)[:, None]
+        mask_n, v_re, v_im, x_re, x_im = _load_n_chunk(v_ptr, x_ptr, b, N, n0, BLOCK_N)
         e_re, e_im = _exp_lx(x_re, x_im, l)
         term = 2 * (v_re * e_re - v_im * e_im)
-        acc += tl.sum(tl.where(mask_n[:, None] & mask_l[None, :], term, 0.0), axis=0)
+        acc += _masked_sum(mask_n[:, None] & mask_l[None, :], term, 0)
     tl.store(out_ptr + b * L + offs_l, acc, mask=mask_l)
 
 
 @triton.jit
 def _vandermonde_moments_kernel(u_ptr, x_ptr, p0_ptr, p1_ptr, N, L, FIRST_MOMENT: tl.constexpr,
                                 BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    base = 2 * (b * N + offs_n)
-    x_re = tl.load(x_ptr + base, mask=mask_n, other=0.0)
-    x_im = tl.load(x_ptr + base + 1, mask=mask_n, other=0.0)
-    p0_re = tl.zeros([BLOCK_N], dtype=x_re.dtype)
-    p0_im = tl.zeros([BLOCK_N], dtype=x_re.dtype)
-    p1_re = tl.zeros([BLOCK_N], dtype=x_re.dtype)
-    p1_im = tl.zeros([BLOCK_N], dtype=x_re.dtype)
+    b, offs_n, mask_n = _program_tile(N, BLOCK_N)
+    rows = b * N + offs_n
+    x_re, x_im = _load_complex(x_ptr, rows, mask_n, 0.0)
+    p0_re, p0_im = _complex_zeros(BLOCK_N, x_re)
+    p1_re, p1_im = _complex_zeros(BLOCK_N, x_re)
     for l0 in range(0, L, BLOCK_L):
-        offs_l = l0 + tl.arange(0, BLOCK_L)
-        mask_l = offs_l < L
+        offs_l, mask_l = _tile(l0, L, BLOCK_L)
         u = tl.load(u_ptr + b * L + offs_l, mask=mask_l, other=0.0)[None, :]
         l = offs_l.to(x_re.dtype)[None, :]
         e_re, e_im = _exp_lx(x_re[:, None], x_im[:, None], l)
@@ -211,11 +246,9 @@ def _vandermonde_moments_kernel(u_ptr, x_ptr, p0_ptr, p1_ptr, N, L, FIRST_MOMENT
         if FIRST_MOMENT:
             p1_re += tl.sum(l * ue_re, axis=1)
             p1_im += tl.sum(l * ue_im, axis=1)
-    tl.store(p0_ptr + base, p0_re, mask=mask_n)
-    tl.store(p0_ptr + base + 1, p0_im, mask=mask_n)
+    _store_complex(p0_ptr, rows, p0_re, p0_im, mask_n)
     if FIRST_MOMENT:
-        tl.store(p1_ptr + base, p1_re, mask=mask_n)
-        tl.store(p1_ptr + base + 1, p1_im, mask=mask_n)
+        _store_complex(p1_ptr, rows, p1_re, p1_im, mask_n)
 
 
 # --- launchers (canonical inputs: 2-D, complex64/complex128, same device) -----------------------
