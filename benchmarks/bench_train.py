@@ -40,7 +40,7 @@ def run_case(preset: str, batch_size: int, steps: int, warmup: int, sample_len: 
 
     micro_batch: run the batch in chunks of this many clips, adding up their gradients (as
     `sashimi train --micro-batch` does): the same update with the memory of a smaller batch.
-    checkpointing: gradient checkpointing per residual block (`sashimi train --checkpointing on`).
+    checkpointing: gradient checkpointing per (S4, FF) layer (`sashimi train --checkpointing on`).
     """
     import resource
 

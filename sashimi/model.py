@@ -193,7 +193,7 @@ class WaveformAR(nn.Module):
         self.head = nn.Linear(config.d_model, config.n_classes)
 
     def set_gradient_checkpointing(self, enable: bool = True) -> "WaveformAR":
-        """Recompute each block's activations in the backward pass (much less training memory).
+        """Recompute each layer's activations in the backward pass (much less training memory).
 
         A runtime switch, not part of the configuration: it does not change the model.
         """

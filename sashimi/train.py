@@ -66,7 +66,7 @@ class TrainConfig:
     batch_size: int = _opt(8, "global batch size, split evenly across processes")
     micro_batch: int | None = _opt(None, "run each process's batch in chunks of this many clips and add up their "
                                          "gradients (same result, less memory; default: all at once)")
-    checkpointing: str = _opt("auto", "gradient checkpointing per block: 'on', 'off', or 'auto' (on when a "
+    checkpointing: str = _opt("auto", "gradient checkpointing per layer: 'on', 'off', or 'auto' (on when a "
                                       "micro-batch's estimated activations exceed 2 GB, e.g. sc09 at batch >= 4)")
     lr: float = _opt(4e-3, "peak learning rate (SSM A, B, dt keep their own 1e-3 from s4lib)")
     weight_decay: float = _opt(0.0, "AdamW weight decay (SSM parameters are exempt)")

@@ -343,12 +343,14 @@ def test_state_dict_round_trip():
         torch.testing.assert_close(clone.eval()(tokens), expected)
 
 
-@pytest.mark.parametrize("frozen_embedding", [False, True])
-def test_gradient_checkpointing_gives_the_same_gradients(frozen_embedding):
-    """Checkpointing (reentrant when the block input needs a gradient, else not) and the chunked
-    loss of model(tokens, targets) give the gradients of the plain forward, dropout included."""
+@pytest.mark.parametrize("frozen_embedding,variant", [(False, {}), (True, {}), (False, {"unet": True}),
+                                                       (False, {"ff": 0})])
+def test_gradient_checkpointing_gives_the_same_gradients(frozen_embedding, variant):
+    """Checkpointing (per layer pair, or per block in the U-Net; reentrant when the input needs a
+    gradient, else not) and the chunked loss of model(tokens, targets) give the gradients of the
+    plain forward, dropout included."""
     torch.manual_seed(8)
-    model = build_model("tiny", d_model=16, d_state=8, dropout=0.1, backend=BACKEND)
+    model = build_model("tiny", d_model=16, d_state=8, dropout=0.1, backend=BACKEND, **variant)
     model.embedding.weight.requires_grad_(not frozen_embedding)
     model.LOSS_CHUNK_TOKENS = 50  # several loss chunks, one of them ragged
     tokens = torch.randint(0, 256, (2, 64))
