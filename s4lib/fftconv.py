@@ -50,7 +50,9 @@ class DropoutNd(nn.Module):
 SPECTRUM_BLOCK_BYTES = 8 * 2**20
 
 
-def _channel_blocks(H: int, row_bytes: int):
+def _channel_blocks(B: int, C: int, H: int, n: int, element_size: int):
+    """Slices of the channel axis such that one block of the (B, C) product spectrum fits the budget."""
+    row_bytes = B * C * (n // 2 + 1) * 2 * element_size
     step = max(1, min(H, SPECTRUM_BLOCK_BYTES // max(row_bytes, 1)))
     return [slice(i, min(i + step, H)) for i in range(0, H, step)]
 
@@ -69,8 +71,7 @@ class _FFTConv(torch.autograd.Function):
     def forward(ctx, u, K, D, n):
         (B, H, L), C = u.shape, K.shape[0]
         y = u.new_empty(B, C, H, L)
-        row_bytes = B * C * (n // 2 + 1) * 2 * u.element_size()  # one channel of the (B, C) product spectrum
-        for h in _channel_blocks(H, row_bytes):
+        for h in _channel_blocks(B, C, H, n, u.element_size()):
             u_f = torch.fft.rfft(u[:, h], n=n).unsqueeze(1)  # (B, 1, h, n/2+1)
             k_f = torch.fft.rfft(K[:, h], n=n)  # (C, h, n/2+1)
             prod = u_f.mul_(k_f) if C == 1 else u_f * k_f
@@ -94,8 +95,7 @@ class _FFTConv(torch.autograd.Function):
             return _FFTConv.differentiable_backward(u, K, D, n, g, ctx.needs_input_grad)
         grad_u = torch.empty_like(u) if need_u else None
         grad_K = torch.empty_like(K) if need_K else None
-        row_bytes = B * C * (n // 2 + 1) * 2 * u.element_size()
-        for h in _channel_blocks(H, row_bytes):
+        for h in _channel_blocks(B, C, H, n, u.element_size()):
             g_h = g[:, :, h]
             g_f = torch.fft.rfft(g_h, n=n)  # (B, C, h, n/2+1)
             if need_u:
@@ -109,7 +109,7 @@ class _FFTConv(torch.autograd.Function):
                 elif C == 1:
                     torch.addcmul(gu, g_h[:, 0], D[0, h].unsqueeze(-1), out=grad_u[:, h])
                 else:
-                    grad_u[:, h] = gu + torch.einsum("bchl,ch->bhl", g_h, D[:, h])
+                    grad_u[:, h] = gu + (g_h * D[:, h].unsqueeze(-1)).sum(1)
                 del gu
             if need_K:
                 u_f = torch.fft.rfft(u[:, h], n=n).conj_physical_()

@@ -6,7 +6,6 @@ round trips with prefill, the sampling rule against a plain-Python transcription
 and the cases the engine must refuse.
 """
 
-import contextlib
 import math
 import os
 import subprocess
@@ -18,6 +17,7 @@ import torch
 
 from sashimi import build_model
 from sashimi.model import ModelConfig, WaveformAR, nll_bits
+from sashimi.generate import _torch_threads  # the library's own thread-count context
 from sashimi.sampling import sample as sample_oracle
 
 fast_step = pytest.importorskip("sashimi.fast_step")
@@ -43,17 +43,6 @@ def _engine_or_skip():
 @pytest.fixture(scope="module", autouse=True)
 def engine_built():
     _engine_or_skip()
-
-
-@contextlib.contextmanager
-def torch_threads(n):
-    """Eager step loops are thousands of tiny ops: one thread avoids thread-pool overhead."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
 
 
 def relative_error(a, b):
@@ -91,7 +80,7 @@ def test_fast_matches_eager_and_convolution(name, mode, trained):
         state, token = model.default_state(B), first
         eager_logits = torch.empty(B, STEPS, 256)
         eager_tokens = torch.empty(B, STEPS, dtype=torch.long)
-        with torch_threads(1):
+        with _torch_threads(1):
             for t in range(STEPS):
                 logits, state = model.step(token, state)
                 token = logits.argmax(-1)
@@ -156,7 +145,7 @@ def test_fast_matches_eager_variants(kwargs):
         stepper = FastStepper(model, B)  # B = 3 rows on 2 threads: slices of 1 and 2 rows
         state = model.default_state(B)
         for t in range(tokens.shape[1]):
-            with torch_threads(1):
+            with _torch_threads(1):
                 eager, state = model.step(tokens[:, t], state)
             fast = stepper.step(tokens[:, t])
             assert relative_error(fast, eager) <= TOL, (kwargs, t)
@@ -166,7 +155,7 @@ def test_fast_matches_eager_variants(kwargs):
 
 @pytest.mark.parametrize("mode", ["dplr", "diag"])
 def test_state_round_trip_with_prefill(mode):
-    with torch_threads(1):
+    with _torch_threads(1):
         _state_round_trip(mode)
 
 
@@ -318,7 +307,7 @@ def test_generate_sampling_matches_eager_loop_and_is_reproducible():
         model.setup_step()
         state, token = model.default_state(B), first
         eager_tokens, eager_logprobs = [], []
-        with torch_threads(1):
+        with _torch_threads(1):
             for t in range(n):
                 logits, state = model.step(token, state)
                 token, logprob = sample_oracle(logits, uniforms[:, t], **settings)
@@ -443,7 +432,7 @@ def test_threads_split_the_batch_without_changing_a_token():
     model.setup_step()
     outputs = []
     for threads in (1, 2, 3):
-        with torch_threads(threads):
+        with _torch_threads(threads):
             stepper = FastStepper(model, B)
             outputs.append(stepper.generate(first, uniforms, **settings))
     for tokens, logprobs in outputs[1:]:
