@@ -160,7 +160,7 @@ def _generate_to_folder(args: argparse.Namespace, info: dict | None = None, titl
         warnings.simplefilter("always", FastPathWarning)
         generator = Generator(model, batch_size=batch_size, fast="auto" if args.fast else False)
     if any(issubclass(w.category, FastPathWarning) for w in caught):
-        print(f"note: fast path unavailable ({generator.fast_reason}); using the eager step loop")
+        print(f"note: using the eager step loop: {generator.fast_reason}")
     result = generator.generate(args.n, seconds=args.seconds, temperature=args.temperature, top_k=args.top_k,
                                 top_p=args.top_p, seed=args.seed, prefix=args.prefix, progress=args.progress)
     out = args.out if args.out is not None else os.path.join(os.path.dirname(os.path.abspath(path)), "samples")
