@@ -112,7 +112,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     else:
         print("cuda    not available")
     compiler = native_build.compiler_path()
-    ninja = native_build._cpp_extension().is_ninja_available()
+    ninja = native_build.ninja_found()
     print(f"c++     {compiler or 'not found'} (CXX={native_build.compiler()!r}"
           f"{', ' + native_build.compiler_version() if compiler else ''}); ninja {'found' if ninja else 'not found'}")
     if compiler:

@@ -230,9 +230,14 @@ def _cpp_extension():
     return cpp_extension
 
 
+def ninja_found() -> bool:
+    """Is ninja on PATH (as torch.utils.cpp_extension looks for it)? Checked without importing that module,
+    which takes half a second (setuptools): a process that falls back after a recorded failure never needs it."""
+    return shutil.which("ninja") is not None
+
+
 def _problem(module: Module) -> str | None:
     """Why a build of `module` cannot even be attempted, or None."""
-    is_ninja_available = _cpp_extension().is_ninja_available
 
     src = source_dir()
     if src is None:
@@ -242,7 +247,7 @@ def _problem(module: Module) -> str | None:
         return f"C++ sources {missing} not found in {src}"
     if compiler_path() is None:
         return f"no C++ compiler (CXX={compiler()!r} not found)"
-    if not is_ninja_available():
+    if not ninja_found():
         return "ninja not found (pip install ninja)"
     return None
 
@@ -285,16 +290,15 @@ def build_dir(module: Module) -> Path:
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
-def summarize(log: str, limit: int = 72) -> str:
-    """A compiler log in a few words: the first error message (or the last line)."""
+def summarize(log: str, limit: int = 72) -> str | None:
+    """A compiler log in a few words: its first error message, or None if it names none."""
     lines = [_ANSI.sub("", line).strip() for line in log.splitlines() if line.strip()]
-    message = None
     for pattern in (r"(?:fatal )?error: (.+)", r"(undefined reference to .+)", r"(cannot find -l\S+)"):
         message = next((m.group(1) for m in map(re.compile(pattern).search, lines) if m), None)
         if message:
-            break
-    message = (message or (lines[-1] if lines else "no output")).strip()
-    return message if len(message) <= limit else message[: limit - 1] + "…"
+            message = message.strip()
+            return message if len(message) <= limit else message[: limit - 1] + "…"
+    return None
 
 
 def _record_failure(directory: Path, log: Path, reason: str) -> None:
@@ -352,7 +356,7 @@ def _folder_lock(directory: Path):
 
 
 def _library_path(directory: Path, module: Module) -> Path:
-    return directory / f"{module.name}{_cpp_extension().LIB_EXT}"
+    return directory / f"{module.name}{'.pyd' if sys.platform == 'win32' else '.so'}"  # cpp_extension's LIB_EXT
 
 
 def _import_library(module: Module, path: Path):
@@ -391,7 +395,9 @@ def _compile(module: Module, directory: Path, verbose: bool):
     except Exception as e:  # compiler errors, missing headers, link errors, a failing import
         with open(log, "a") as f:
             f.write(f"\n# {type(e).__name__}: {e}\n")
-        reason = f"{module.label or module.name} build failed: {summarize(log.read_text())}"
+        first_line = (str(e).strip().splitlines() or [""])[0][:72]
+        why = summarize(log.read_text()) or f"{type(e).__name__}: {first_line}"
+        reason = f"{module.label or module.name} build failed: {why}"
         _record_failure(directory, log, reason)
         if verbose:
             print(log.read_text(), file=sys.stderr)
