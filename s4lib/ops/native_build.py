@@ -383,6 +383,9 @@ def _compile(module: Module, directory: Path, verbose: bool):
             entry.unlink()
     log = directory / "build.log"
     cflags, ldflags = build_flags(module.extra_cflags), link_flags()
+    if verbose or (sys.stderr is not None and sys.stderr.isatty()):  # a minute of silence would look like a hang
+        print(f"s4lib: compiling the {module.label or module.name} (once for this torch and compiler; about a "
+              f"minute) in {directory}", file=sys.stderr, flush=True)
     log.write_text(f"# {module.label or module.name}: torch {torch.__version__}, compiler {compiler_path()} "
                    f"({compiler_version()})\n# flags {' '.join(cflags)} | link {' '.join(ldflags)}\n")
     os.chmod(log, 0o600)
