@@ -7,7 +7,7 @@ torch.utils.cpp_extension (ninja) into a folder keyed by everything that changes
     <cache root> / <name>-torch<version>-<key> /     (cache root: see native_cache)
 
 key = sha256 of the sources and headers, the torch version and build, the Python ABI, the
-compiler's path and `--version`, the flags (build_flags) and the CPU. The C++ standard is the
+compiler's path and `--version`, the flags (native_flags.build_flags) and the CPU. The C++ standard is the
 one torch's extension builder picks for the torch in use (torch >= 2.14's headers need C++20);
 no -std flag is passed. -march=native and the other optional flags are used only where the
 compiler accepts them (probed once per compiler, cached).
@@ -22,7 +22,6 @@ key (torch, compiler, flags, sources) tries again, and `s4lib build-kernels` ret
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import importlib.util
 import json
@@ -30,9 +29,7 @@ import os
 import platform
 import re
 import shutil
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import warnings
@@ -41,23 +38,20 @@ from pathlib import Path
 
 import torch
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; concurrent first builds are not serialised there
+    fcntl = None
+
 from . import native_cache
+from .native_flags import (BASE_CFLAGS, OPTIONAL_CFLAGS, accepted_optional_flags, build_flags,  # noqa: F401
+                           compiler, compiler_path, compiler_version, cpu_signature, link_flags)
 
 SOURCES = ("cauchy_cpu.cpp", "vandermonde_cpu.cpp", "torch_bindings_cpu.cpp")
 HEADERS = ("s4lib_cpu.h",)
 KERNELS = "s4lib_native_cpu"
 LOG_COMMAND = "s4lib info --verbose"  # shows the full log of a failed build
 BUILD_FORMAT = "2"  # bump when the layout of a build folder changes
-
-# Flags every supported compiler accepts. -fno-math-errno / -fno-trapping-math let the vector loops
-# use the hardware sqrt/exp paths; they change no result the kernels rely on.
-BASE_CFLAGS = ("-O3", "-fno-math-errno", "-fno-trapping-math")
-# Used where the compiler accepts them (probed). -march=native: the kernels are built on and for
-# this CPU (hence the CPU in the key). -fopenmp matters: at::parallel_for in ATen's headers is a
-# serial loop unless the translation unit is compiled with OpenMP (the call then runs on torch's
-# own OpenMP pool, whose libgomp the extension shares through its soname); Apple's clang has none.
-OPTIONAL_CFLAGS = ("-march=native", "-mprefer-vector-width=512", "-fopenmp-simd", "-fopenmp")
-OPENMP_FLAG = "-fopenmp"
 
 
 class NativeBuildError(RuntimeError):
@@ -83,7 +77,6 @@ _lock = threading.RLock()
 _declared: dict[str, Module] = {}
 _loaded: dict[str, dict] = {}   # key -> {"module", "path", "seconds", "compiled"}
 _failed: dict[str, NativeBuildError] = {}  # key -> error, for this process
-_probe: dict = {}
 
 
 def declare(name: str, sources, extra_cflags=(), label: str = "", python_module: bool = True) -> Module:
@@ -119,101 +112,6 @@ def source_dir() -> Path | None:
 
 def cache_root() -> Path:
     return native_cache.cache_root()
-
-
-def compiler() -> str:
-    """The C++ compiler torch.utils.cpp_extension will use ($CXX, else c++)."""
-    return os.environ.get("CXX", "c++")
-
-
-def compiler_path() -> str | None:
-    return shutil.which(compiler())
-
-
-def compiler_version() -> str:
-    """The first line of `$CXX --version` (cached per compiler path)."""
-    path = compiler_path()
-    if path is None:
-        return "not found"
-    key = ("version", os.path.realpath(path))
-    if key not in _probe:
-        try:
-            out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30)
-            lines = (out.stdout or out.stderr).strip().splitlines()
-            _probe[key] = (lines[0] if lines else "") if out.returncode == 0 else f"unknown (exit {out.returncode})"
-        except (OSError, subprocess.SubprocessError) as e:
-            _probe[key] = f"unknown ({type(e).__name__})"
-    return _probe[key]
-
-
-def _compiles(path: str, flags) -> bool:
-    """Does `path flags` compile and link an empty C++ program (warnings count as refusal)?"""
-    with tempfile.TemporaryDirectory(prefix="s4lib-probe-") as tmp:
-        src = os.path.join(tmp, "probe.cpp")
-        with open(src, "w") as f:
-            f.write("int main() { return 0; }\n")
-        try:
-            out = subprocess.run([path, *flags, "-Werror", src, "-o", os.path.join(tmp, "probe")],
-                                 capture_output=True, timeout=60)
-        except (OSError, subprocess.SubprocessError):
-            return False
-        return out.returncode == 0
-
-
-def accepted_optional_flags() -> tuple:
-    """The OPTIONAL_CFLAGS this compiler accepts, probed once per compiler (cached in memory and on disk)."""
-    path = compiler_path()
-    if path is None:
-        return ()
-    ident = f"{os.path.realpath(path)}\n{compiler_version()}\n{' '.join(OPTIONAL_CFLAGS)}\n{platform.machine()}"
-    key = ("flags", ident)
-    if key in _probe:
-        return _probe[key]
-    record = None
-    with contextlib.suppress(OSError):
-        record = native_cache.trusted_subdir("probes") / (hashlib.sha256(ident.encode()).hexdigest()[:16]
-                                                          + ".json")
-    accepted = None
-    if record is not None and record.is_file():
-        with contextlib.suppress(OSError, ValueError, TypeError):
-            stored = json.loads(record.read_text())
-            if stored.get("ident") == ident:
-                accepted = tuple(f for f in OPTIONAL_CFLAGS if f in stored["accepted"])  # known flags only
-    if accepted is None:
-        everything = _compiles(path, OPTIONAL_CFLAGS)
-        accepted = OPTIONAL_CFLAGS if everything else tuple(f for f in OPTIONAL_CFLAGS if _compiles(path, [f]))
-        if record is not None:
-            with contextlib.suppress(OSError):
-                record.write_text(json.dumps({"ident": ident, "accepted": list(accepted)}))
-    _probe[key] = accepted
-    return accepted
-
-
-def build_flags(extra_cflags=()) -> tuple:
-    """The compiler flags of every native module: the one place that decides them.
-
-    No C++ standard: torch.utils.cpp_extension adds the one the torch in use needs.
-    """
-    extra = tuple(extra_cflags)
-    for flag in extra:
-        if flag.startswith(("-std=", "/std:")):
-            raise ValueError(f"extra flag {flag!r}: the C++ standard comes from torch's extension builder")
-    return BASE_CFLAGS + accepted_optional_flags() + extra
-
-
-def link_flags() -> tuple:
-    return (OPENMP_FLAG,) if OPENMP_FLAG in accepted_optional_flags() else ()
-
-
-def _cpu_signature() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return platform.machine() + line
-    except OSError:
-        pass
-    return platform.machine() + platform.processor()
 
 
 def _cpp_extension():
@@ -262,7 +160,7 @@ def build_key(module: Module) -> str:
              str(getattr(torch.version, "git_version", "")), str(torch._C._GLIBCXX_USE_CXX11_ABI),
              sys.implementation.cache_tag, platform.machine(), os.path.realpath(compiler_path() or compiler()),
              compiler_version(), " ".join(build_flags(module.extra_cflags)), " ".join(link_flags()),
-             _cpu_signature())
+             cpu_signature())
     for part in parts:
         h.update(part.encode() + b"\0")
     return h.hexdigest()[:16]
@@ -347,6 +245,9 @@ def _output_to(log_path: Path):
 @contextlib.contextmanager
 def _folder_lock(directory: Path):
     """One process at a time builds (or inspects a build) in a folder; the others wait."""
+    if fcntl is None:
+        yield
+        return
     with open(directory / ".lock", "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
