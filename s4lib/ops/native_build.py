@@ -398,7 +398,7 @@ def status(module: Module) -> Status:
     if problem is not None:
         return Status("unavailable", f"{label} off: {problem}")
     if key in _loaded:
-        return Status("loaded", f"loaded from {_loaded[key]['path']}", _loaded[key]["path"])
+        return Status("loaded", f"{label} loaded from {_loaded[key]['path']}", _loaded[key]["path"])
     if key in _failed:
         e = _failed[key]
         return Status("failed", str(e), log=str(e.log) if e.log else None)
