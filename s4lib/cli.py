@@ -27,24 +27,23 @@ def _cpu_model() -> str:
     return f"{model}" + (f" ({simd})" if simd else "")
 
 
-# Modules that declare native modules of their own (native_build.declare) when imported; the first
-# of each group that imports is used (the fused step engine's module has moved between packages).
-NATIVE_MODULE_PROVIDERS = (("sashimi.pipelines.fast_step", "sashimi.fast_step"),)
+# Python modules that declare native modules of their own (native_build.declare) when imported: a
+# module that builds a C++ extension through native_build.load_module is listed here, so that
+# `s4lib info` and `s4lib build-kernels` know it before its first use.
+NATIVE_MODULE_PROVIDERS = ("sashimi.pipelines.fast_step",)
 
 
 def _native_modules():
-    """Every declared native module: the CPU kernels, then those of importable providers."""
+    """Every declared native module: the CPU kernels, then those of the providers that import here."""
     import importlib
 
     from s4lib.ops import native_build
 
-    for group in NATIVE_MODULE_PROVIDERS:
-        for name in group:
-            try:
-                importlib.import_module(name)
-                break
-            except ImportError:
-                continue
+    for name in NATIVE_MODULE_PROVIDERS:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            continue
     return native_build.declared_modules()
 
 

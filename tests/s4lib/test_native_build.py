@@ -20,7 +20,7 @@ from conftest import skip_unless_ci
 from s4lib.ops import native_build, native_cache
 from s4lib.ops.reference import cauchy_ref, log_vandermonde_ref
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # A compiler that always fails; each compile of one of the project's sources is counted in a file.
 FAILING_COMPILER = """#!/bin/sh
@@ -63,17 +63,10 @@ FALLBACK_SCRIPT = textwrap.dedent("""
 
 
 def _fast_step():
-    """The fused step engine's module, wherever the package keeps it."""
-    from s4lib.cli import NATIVE_MODULE_PROVIDERS
+    """The fused step engine's module."""
+    from sashimi.pipelines import fast_step
 
-    import importlib
-
-    for name in NATIVE_MODULE_PROVIDERS[0]:
-        try:
-            return importlib.import_module(name)
-        except ImportError:
-            continue
-    pytest.fail(f"none of {NATIVE_MODULE_PROVIDERS[0]} imports")
+    return fast_step
 
 
 def _env(cache: Path, compiler: str | None = None, **extra) -> dict:
