@@ -400,3 +400,38 @@ def test_every_native_module_builds_and_matches_its_oracle():
             fast = stepper.step(tokens)
             assert (fast - eager).abs().max() <= 1e-4 * eager.abs().max()
             tokens = eager.argmax(-1)
+
+
+GENERATE_SCRIPT = textwrap.dedent("""
+    import json, sys, warnings
+    import torch
+    from sashimi import Generator, build_model
+    from sashimi.pipelines.report import write_report
+    torch.manual_seed(0)
+    model = build_model("tiny", d_model=16, n_layers=1, d_state=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        generator = Generator(model, batch_size=1)
+    result = generator.generate(1, n_steps=64)
+    paths = write_report(sys.argv[1], result)
+    print(json.dumps({"path": generator.path, "reason": generator.fast_reason,
+                      "warnings": [str(w.message) for w in caught if "eager step loop" in str(w.message)],
+                      "json": open(paths["json"]).read(), "page": open(paths["index"]).read()}))
+""")
+
+
+def test_fused_engine_fallback_is_one_line_everywhere(tmp_path, failing_compiler):
+    """A failed fused-engine build: generation runs the eager loop, and the terminal, samples.json and
+    the listening page get the same one line (which path, why, the log command), not the compiler output."""
+    script, _ = failing_compiler
+    out = subprocess.run([sys.executable, "-c", GENERATE_SCRIPT, str(tmp_path / "samples")],
+                         env=_env(tmp_path / "cache", str(script)), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    reason = report["reason"]
+    assert report["path"] == "eager"
+    assert reason.startswith("fused step engine build failed: this compiler always fails"), reason
+    assert reason.endswith(native_build.LOG_COMMAND) and "\n" not in reason and len(reason) < 160
+    assert report["warnings"] == [f"sashimi: using the eager step loop: {reason}"]
+    assert json.loads(report["json"])["settings"]["fast_path_unavailable_reason"] == reason
+    assert "kernel.cpp:1:1" not in report["json"] + report["page"]  # no compiler output
