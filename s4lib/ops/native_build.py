@@ -405,6 +405,7 @@ def status(module: Module) -> Status:
     directory = build_dir(module)
     failure = recorded_failure(directory)
     if failure is not None:
+        _failed[key] = failure  # later calls in this process answer from memory
         return Status("failed", str(failure), str(directory), str(failure.log))
     library = _library_path(directory, module)
     if library.exists() and native_cache.verified(library) is None:
