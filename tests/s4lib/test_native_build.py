@@ -129,6 +129,8 @@ def test_build_flags_come_from_one_function_and_name_no_cxx_standard(monkeypatch
             calls.append(kwargs)
             raise RuntimeError("error: not really compiling")
 
+    monkeypatch.setattr(native_build, "_loaded", {})  # this process may hold real builds: build anew
+    monkeypatch.setattr(native_build, "_failed", {})
     monkeypatch.setattr(native_build, "_cpp_extension", lambda: FakeCppExtension)
     monkeypatch.setattr(native_build, "ninja_found", lambda: True)
     monkeypatch.setenv("S4LIB_CACHE", str(tmp_path / "cache"))
