@@ -320,11 +320,20 @@ def run_demo(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- entry point
 
+
+def _metrics_cli():
+    from .metrics import cli
+
+    return cli
+
+
 COMMANDS = {
     "train": (add_train_arguments, run_train, "train a model (or --resume a run); torchrun for many processes"),
     "eval": (add_eval_arguments, run_eval, "NLL in bits/sample of a checkpoint over a data split"),
     "generate": (add_generate_arguments, run_generate, "sample audio from a checkpoint: WAVs, samples.json, index.html"),
     "demo": (add_demo_arguments, run_demo, "train the tiny model for a few minutes, then generate a listening page"),
+    "metrics": (lambda p: _metrics_cli().add_arguments(p), lambda a: _metrics_cli().run(a),
+                "sample-quality metrics: train the evaluation classifier, score generated audio"),
 }
 
 
