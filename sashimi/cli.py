@@ -134,6 +134,9 @@ def _check_generate_flags(args: argparse.Namespace) -> None:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.seed < 0:
         raise ValueError(f"--seed must be >= 0, got {args.seed}")
+    if getattr(args, "score", None) and not os.path.isfile(os.path.join(args.score, "config.json")):
+        raise ValueError(f"--score {args.score}: not an evaluation classifier folder (no config.json); train one with "
+                         f"`sashimi metrics train-classifier --data DIR|builtin --out DIR`")
 
 
 def _generate_to_folder(args: argparse.Namespace, info: dict | None = None, title: str = "sashimi samples"):
@@ -166,8 +169,17 @@ def _generate_to_folder(args: argparse.Namespace, info: dict | None = None, titl
     out = args.out if args.out is not None else os.path.join(os.path.dirname(os.path.abspath(path)), "samples")
     info = {"checkpoint": os.path.abspath(path), "step": state.get("step"), "preset": state.get("preset"),
             "ema_weights": bool(args.use_ema and state.get("ema") is not None), **(info or {})}
-    paths = write_report(out, result, info=info, title=title)
-    return result, paths
+    scores, references = _scores_for_page(args, result, state) if getattr(args, "score", None) else (None, None)
+    paths = write_report(out, result, info=info, title=title, scores=scores, references=references)
+    return result, {**paths, "scores": scores}
+
+
+def _scores_for_page(args: argparse.Namespace, result, state: dict):
+    """--score CLS: (sashimi.metrics scores of the samples against the real data, a few real clips for the page)."""
+    from .metrics.cli import scores_and_references
+
+    real = args.score_real or state["train_config"]["data"]
+    return scores_and_references(args.score, real, result, n_references=args.real_clips)
 
 
 def _print_generation(result, paths) -> None:
@@ -175,6 +187,10 @@ def _print_generation(result, paths) -> None:
           f"{result.sample_rate} Hz) to {os.path.dirname(paths['index'])}")
     print(f"speed: {result.samples_per_second:,.0f} samples/s = {result.real_time_factor:.3f}x real time "
           f"({result.path} path); generated samples: {float(result.bits_per_sample.mean()):.3f} bits/sample (mean NLL)")
+    if paths.get("scores") is not None:
+        from .metrics.cli import format_scores
+
+        print(format_scores(paths["scores"]))
     print(f"listening page: {paths['index']}")
 
 
@@ -193,6 +209,12 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-fast", dest="fast", action="store_false", help="use the eager step loop (the oracle)")
     parser.add_argument("--no-ema", dest="use_ema", action="store_false", help="use the raw weights, not the EMA")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
+    parser.add_argument("--score", default=None, metavar="CLS",
+                        help="score the samples with this evaluation classifier (sashimi metrics train-classifier): "
+                             "FID, IS, ... in samples.json and on the page")
+    parser.add_argument("--score-real", default=None, metavar="DIR",
+                        help="real audio to score against: a folder or 'builtin' (default: the run's data)")
+    parser.add_argument("--real-clips", type=int, default=4, help="real clips shown on the page with --score (default: 4)")
 
 
 def run_generate(args: argparse.Namespace) -> int:

@@ -145,3 +145,30 @@ def test_train_classifier_needs_classes(tmp_path):
     write_folder(tmp_path / "flat", tones(30))
     with pytest.raises(ValueError, match="at least 2 sub-folders"):
         train_classifier(str(tmp_path / "flat"), None, sample_rate=RATE, clip_samples=CLIP, epochs=1)
+
+
+def test_cli_generate_score_adds_scores_and_real_clips(tmp_path, capsys):
+    """`sashimi generate --score CLS`: scores in samples.json and on the page, real clips beside the samples."""
+    from sashimi.train import TrainConfig, train
+
+    run = str(tmp_path / "run")
+    train(TrainConfig(data="builtin", preset="tiny", out=run, sample_len=256, batch_size=2, max_steps=2,
+                      n_train_items=2, n_val_items=1, val_batches=1, warmup_steps=1, progress=False))
+    torch.manual_seed(0)
+    cls = str(tmp_path / "cls")
+    EvalClassifier(ClassifierConfig(classes=("a", "b"), sample_rate=16000, clip_samples=800, n_fft=256,
+                                    win_length=256, hop_length=64, n_mels=16, channels=(4,),
+                                    embedding_dim=4)).save_pretrained(cls)
+    real = write_folder(tmp_path / "real", tones(6, rate=16000, length=800), rate=16000)
+    out = str(tmp_path / "samples")
+    assert main(["generate", "--ckpt", run, "--n", "3", "--seconds", "0.05", "--out", out, "--no-progress",
+                 "--score", cls, "--score-real", real, "--real-clips", "2"]) == 0
+    assert "FID" in capsys.readouterr().out
+    record = json.loads(open(os.path.join(out, "samples.json")).read())
+    assert record["scores"]["n_fake"] == 3 and record["scores"]["n_real"] == 6
+    page = open(os.path.join(out, "index.html")).read()
+    assert "Sample quality" in page and "real_001.wav" in page
+    assert os.path.isfile(os.path.join(out, "real_001.wav")) and os.path.isfile(os.path.join(out, "real_001.png"))
+    assert main(["generate", "--ckpt", run, "--n", "1", "--seconds", "0.02", "--out", out, "--no-progress",
+                 "--score", str(tmp_path / "nothing")]) == 1
+    assert "not an evaluation classifier folder" in capsys.readouterr().err

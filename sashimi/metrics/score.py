@@ -46,13 +46,16 @@ def _builtin_clips(spec: str, sample_rate: int, clip_samples: int, n: int | None
     return torch.stack([dataset[i]["wav"] for i in range(len(dataset))])
 
 
-def _folder_clips(folder: str, name: str, sample_rate: int, notes: list) -> list[torch.Tensor]:
+def _folder_clips(folder: str, name: str, sample_rate: int, notes: list, n: int | None = None) -> list[torch.Tensor]:
     if not os.path.isdir(folder):
         raise ScoreInputError(f"{name} set {folder!r} is not a folder, 'builtin' or 'builtin:SPLIT'")
     files = find_audio_files(folder)
     if not files:
         raise ScoreInputError(f"{name} folder {folder!r} holds no audio files (.wav/.flac/.ogg, searched recursively)")
     clips, bad, rates = [], [], Counter()
+    if n is not None and len(files) > n:  # an even spread over the (sorted) files: every class of an SC09 folder
+        notes.append(f"{name}: {n} of the {len(files)} files in {folder!r} used")
+        files = [files[i] for i in np.linspace(0, len(files) - 1, n).round().astype(int)]
     for rel in files:
         path = os.path.join(folder, rel)
         try:
@@ -80,7 +83,7 @@ def load_clips(source, name: str, sample_rate: int, clip_samples: int, notes: li
         spec = os.fspath(source)
         if spec.lower() == "builtin" or spec.lower().startswith("builtin:"):
             return _builtin_clips(spec.lower(), sample_rate, clip_samples, n)
-        clips = _folder_clips(spec, name, sample_rate, notes)
+        clips = _folder_clips(spec, name, sample_rate, notes, n)
     else:
         if hasattr(source, "audio") and hasattr(source, "sample_rate"):
             source, rate = source.audio, int(source.sample_rate)
