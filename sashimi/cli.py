@@ -169,6 +169,9 @@ def _generate_to_folder(args: argparse.Namespace, info: dict | None = None, titl
     out = args.out if args.out is not None else os.path.join(os.path.dirname(os.path.abspath(path)), "samples")
     info = {"checkpoint": os.path.abspath(path), "step": state.get("step"), "preset": state.get("preset"),
             "ema_weights": bool(args.use_ema and state.get("ema") is not None), **(info or {})}
+    info["generated_bits_per_sample"] = float(result.bits_per_sample.mean())  # the samples' NLL under the model
+    if info.get("test_bits_per_sample") is not None:
+        info["nll_gap_bits_per_sample"] = info["generated_bits_per_sample"] - info["test_bits_per_sample"]
     scores, references = _scores_for_page(args, result, state) if getattr(args, "score", None) else (None, None)
     paths = write_report(out, result, info=info, title=title, scores=scores, references=references)
     return result, {**paths, "scores": scores}
@@ -238,15 +241,35 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", metavar="DIR",
                         help="demo folder: DIR/run (training run), DIR/samples (listening page) (default: runs/demo)")
     parser.add_argument("--minutes", type=float, default=4.0, help="training time budget in minutes (default: 4)")
-    parser.add_argument("--n", type=int, default=4, help="samples to generate (default: 4)")
+    parser.add_argument("--n", type=int, default=32, help="samples to generate and score (default: 32)")
     parser.add_argument("--seconds", type=float, default=1.0, help="length of each sample (default: 1)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--classifier", default=None, metavar="CLS",
+                        help="evaluation classifier for the scores (default: DIR/classifier, trained first if missing)")
+    parser.add_argument("--no-score", dest="score", action="store_false", help="skip the sample-quality scores")
     parser.add_argument("--no-fast", dest="fast", action="store_false", help="generate with the eager step loop")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
 
 
 _DEMO_TRAIN = dict(data="builtin", preset="tiny", sample_len=1024, batch_size=8, n_val_items=16, lr=4e-3)
 _DEMO_TEST_CLIPS = 16  # test clips evaluated after training
+_DEMO_SAMPLING = dict(temperature=1.0, top_p=1.0)  # chosen by sample-quality scores (docs/metrics.md)
+_DEMO_CLASSIFIER = dict(n_train=1500, epochs=6)  # a quick evaluation classifier (docs/metrics.md)
+
+
+def _demo_classifier(args: argparse.Namespace) -> str:
+    """The demo's evaluation classifier folder: --classifier, or DIR/classifier (trained now if missing)."""
+    from .metrics.classifier import CONFIG_FILE
+    from .metrics.training import train_classifier
+
+    folder = args.classifier or os.path.join(args.out, "classifier")
+    if not os.path.isfile(os.path.join(folder, CONFIG_FILE)):
+        if args.classifier:
+            raise ValueError(f"--classifier {folder}: not an evaluation classifier folder (no {CONFIG_FILE})")
+        print(f"sashimi demo: training the evaluation classifier for the scores ({_DEMO_CLASSIFIER['n_train']} "
+              f"builtin clips, {_DEMO_CLASSIFIER['epochs']} epochs) into {folder}")
+        train_classifier("builtin", folder, seed=args.seed, **_DEMO_CLASSIFIER)
+    return folder
 
 
 def _demo_step_seconds(threads: int, give_up_after: float | None = None) -> float:
@@ -319,14 +342,17 @@ def run_demo(args: argparse.Namespace) -> int:
         t_trained = time.time()
         test = evaluate(run_dir, "builtin", split="test", n_items=_DEMO_TEST_CLIPS, batch_size=8,
                         progress=args.progress)
-        gen_args = argparse.Namespace(ckpt=run_dir, n=args.n, seconds=args.seconds, temperature=1.0, top_k=0,
-                                      top_p=1.0, prefix=None, batch_size=args.n, seed=args.seed, out=samples_dir,
-                                      fast=args.fast, use_ema=True, progress=args.progress)
+        classifier = _demo_classifier(args) if args.score else None
+        gen_args = argparse.Namespace(ckpt=run_dir, n=args.n, seconds=args.seconds, top_k=0, prefix=None,
+                                      batch_size=min(args.n, 32), seed=args.seed, out=samples_dir, fast=args.fast,
+                                      use_ema=True, progress=args.progress, score=classifier, score_real="builtin",
+                                      real_clips=4, **_DEMO_SAMPLING)
         _check_generate_flags(gen_args)
         info = {"training_steps": steps, "training_minutes": round((t_trained - t_start) / 60, 2),
                 "val_bits_per_sample": val_bits, "test_bits_per_sample": test["nll_bits_per_sample"],
                 "data": "builtin (synthetic)"}
         result, paths = _generate_to_folder(gen_args, info=info, title="sashimi demo: tiny model on builtin data")
+        sample_bits = float(result.bits_per_sample.mean())
     except (ValueError, OSError, NonFiniteLossError) as e:
         print(f"sashimi demo: error: {_one_line(e)}", file=sys.stderr)
         return 1
@@ -336,6 +362,8 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"validation: {val_bits:.3f} bits/sample; test ({_DEMO_TEST_CLIPS} clips): "
               f"{test['nll_bits_per_sample']:.3f} bits/sample "
               f"(8 bits = no better than uniform)")
+        print(f"generated samples: {sample_bits:.3f} bits/sample under the model, "
+              f"{sample_bits - test['nll_bits_per_sample']:+.3f} from the test NLL")
     _print_generation(result, paths)
     return 0
 

@@ -61,8 +61,9 @@ def spectrogram_png(path: str, audio: np.ndarray, sample_rate: int, title: str =
     ax = fig.add_subplot()
     n_fft = 512 if len(audio) >= 2048 else max(16, 2 ** int(math.log2(max(len(audio) // 4, 16))))
     if len(audio) >= n_fft:
+        loud = np.abs(audio).max() > 1e-4  # a silent clip's spectrum lies below -120 dB: let the colours autoscale
         ax.specgram(audio + 1e-9, NFFT=n_fft, Fs=sample_rate, noverlap=n_fft * 3 // 4, cmap="magma",
-                    scale="dB", vmin=-120)
+                    scale="dB", vmin=-120 if loud else None)
     else:  # too short for one frame: show the waveform instead
         ax.plot(np.arange(len(audio)) / sample_rate, audio, lw=0.5)
     if mark_seconds:

@@ -172,3 +172,36 @@ def test_cli_generate_score_adds_scores_and_real_clips(tmp_path, capsys):
     assert main(["generate", "--ckpt", run, "--n", "1", "--seconds", "0.02", "--out", out, "--no-progress",
                  "--score", str(tmp_path / "nothing")]) == 1
     assert "not an evaluation classifier folder" in capsys.readouterr().err
+
+
+def test_cli_demo_scores_its_samples(tmp_path, capsys, monkeypatch):
+    """The demo with a classifier: scores, real clips and the NLL gap on the page and in the printout."""
+    import sashimi.cli
+
+    monkeypatch.setattr(sashimi.cli, "_DEMO_TRAIN", {**sashimi.cli._DEMO_TRAIN, "sample_len": 256, "n_val_items": 1})
+    monkeypatch.setattr(sashimi.cli, "_DEMO_TEST_CLIPS", 1)
+    torch.manual_seed(0)
+    cls = str(tmp_path / "cls")
+    EvalClassifier(ClassifierConfig(classes=("a", "b"), sample_rate=16000, clip_samples=800, n_fft=256,
+                                    win_length=256, hop_length=64, n_mels=16, channels=(4,),
+                                    embedding_dim=4)).save_pretrained(cls)
+    out = str(tmp_path / "demo")
+    assert main(["demo", "--out", out, "--minutes", "0.01", "--n", "3", "--seconds", "0.05", "--no-progress",
+                 "--classifier", cls]) == 0
+    printed = capsys.readouterr().out
+    assert "from the test NLL" in printed and "FID" in printed
+    record = json.loads(open(os.path.join(out, "samples", "samples.json")).read())
+    assert record["scores"]["n_fake"] == 3 and "nll_gap_bits_per_sample" in record["info"]
+    page = open(os.path.join(out, "samples", "index.html")).read()
+    assert "Real clips" in page and "real_003.wav" in page and "Sample quality" in page
+    assert main(["demo", "--out", out, "--n", "2", "--seconds", "0.05", "--no-progress",
+                 "--classifier", str(tmp_path / "none")]) == 1
+    assert "not an evaluation classifier folder" in capsys.readouterr().err
+
+
+def test_listening_page_spectrogram_of_silence(tmp_path):
+    """A silent clip (the builtin data's leading silence, a model that outputs zeros) still gets a picture."""
+    from sashimi.report import spectrogram_png
+
+    spectrogram_png(str(tmp_path / "silence.png"), np.zeros(4000, np.float32), 16000)
+    assert (tmp_path / "silence.png").stat().st_size > 0

@@ -7,17 +7,16 @@
 
 Input: a float waveform (B, T) at `config.sample_rate`, cut or zero-padded to `clip_samples`.
 Network: LogMel -> per-band standardisation (training-set mean and std, stored) -> blocks of
-[3x3 conv, GroupNorm, ReLU] x 2 + 2x2 max-pool -> mean over
+[3x3 conv, BatchNorm, ReLU] x 2 + 2x2 max-pool -> mean over
 frequency -> mean and max over time (concatenated) -> Linear -> ReLU (the embedding) -> Linear
-(class logits). No batch statistics: a clip's features do not depend on the batch it is in.
-Training lives in sashimi.metrics.training.
+(class logits). In eval mode (always, outside training) BatchNorm uses its stored statistics,
+so a clip's features do not depend on the batch it is in. Training lives in sashimi.metrics.training.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from dataclasses import dataclass, field
 
@@ -83,9 +82,8 @@ def fit_length(wav: torch.Tensor, length: int) -> torch.Tensor:
 
 class _ConvBlock(nn.Sequential):
     def __init__(self, c_in: int, c_out: int):
-        groups = math.gcd(c_out, 8)
-        super().__init__(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.GroupNorm(groups, c_out), nn.ReLU(),
-                         nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.GroupNorm(groups, c_out), nn.ReLU(),
+        super().__init__(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(),
+                         nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(),
                          nn.MaxPool2d(2, ceil_mode=True))
 
 

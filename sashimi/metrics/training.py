@@ -63,6 +63,26 @@ def accuracy(model: EvalClassifier, mels: torch.Tensor, labels: torch.Tensor, ba
 
 
 @torch.no_grad()
+def recalibrate_batchnorm(model: EvalClassifier, mels: torch.Tensor, batch_size: int = 128) -> None:
+    """Set every BatchNorm's running statistics to their exact average over `mels` (train-mode passes, no grad).
+
+    The running averages of a short training lag behind the weights; eval-mode features then
+    drift from the training ones. Recomputing them makes eval mode match what was trained.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    model.train()
+    for start in range(0, len(mels), batch_size):
+        model.embed_mel(mels[start:start + batch_size])
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    model.eval()
+
+
+@torch.no_grad()
 def _mels(model: EvalClassifier, wavs: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     return torch.cat([model.mel(wavs[s:s + batch_size]) for s in range(0, len(wavs), batch_size)])
 
@@ -70,10 +90,10 @@ def _mels(model: EvalClassifier, wavs: torch.Tensor, batch_size: int = 256) -> t
 def train_classifier(data, out: str | None, *, sample_rate: int = 16000, clip_samples: int = 16000,
                      epochs: int = 12, batch_size: int = 64, lr: float = 3e-3, weight_decay: float = 1e-2,
                      n_train: int | None = None, seed: int = 0, threads: int | None = None,
-                     log=print) -> dict:
+                     config: dict | None = None, log=print) -> dict:
     """Train on `data`'s train split, select on val, report test accuracy; save to `out` (when given).
 
-    Returns {"test_accuracy", "val_accuracy", "train_accuracy", "epoch", "n_train", "n_val",
+    config: other ClassifierConfig fields (n_mels, channels, ...). Returns {"test_accuracy", "val_accuracy", "train_accuracy", "epoch", "n_train", "n_val",
     "n_test", "seconds", "model"}.
     """
     if threads is not None:
@@ -86,7 +106,8 @@ def train_classifier(data, out: str | None, *, sample_rate: int = 16000, clip_sa
     log(f"classifier data: {len(train_y)} train / {len(val_y)} val / {len(test_y)} test clips, "
         f"{len(classes)} classes ({time.time() - t0:.0f} s to load)")
 
-    model = EvalClassifier(ClassifierConfig(classes=classes, sample_rate=sample_rate, clip_samples=clip_samples))
+    model = EvalClassifier(ClassifierConfig(classes=classes, sample_rate=sample_rate, clip_samples=clip_samples,
+                                            **(config or {})))
     train_mel, val_mel, test_mel = _mels(model, train_wav), _mels(model, val_wav), _mels(model, test_wav)
     model.set_input_statistics(train_mel)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -108,6 +129,7 @@ def train_classifier(data, out: str | None, *, sample_rate: int = 16000, clip_sa
             optimizer.step()
             schedule.step()
             loss_sum += float(loss.detach()) * len(idx)
+        recalibrate_batchnorm(model, train_mel[order[:1024]])
         val_acc = accuracy(model, val_mel, val_y)
         log(f"epoch {epoch}/{epochs}: train loss {loss_sum / len(train_y):.4f}, val accuracy {val_acc:.4f} "
             f"({time.time() - t0:.0f} s)")
