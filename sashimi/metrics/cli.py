@@ -72,7 +72,7 @@ def scores_and_references(classifier: str, real, result, n_references: int = 4, 
     if n_references > 0:
         length = result.audio.shape[1]
         if isinstance(real, str) and real.lower() == "builtin":
-            from ..data import BuiltinDataset
+            from ..data.datasets import BuiltinDataset
 
             data = BuiltinDataset("test", sample_rate=result.sample_rate, quantizer=None, waveform=True)
             clips = [11 * i % data.n_items for i in range(n_references)]  # motif i, timbre i % 4

@@ -20,10 +20,10 @@ from collections import Counter
 import numpy as np
 import torch
 
-from ..audio import AudioError, load_audio, probe_audio, resample_factors
-from ..audio import _resample as resample_array
-from ..data import make_dataset
-from ..data import _find_audio_files as find_audio_files
+from ..data.audio import AudioError, load_audio, probe_audio, resample_factors
+from ..data.audio import _resample as resample_array
+from ..data.datasets import make_dataset
+from ..data.datasets import _find_audio_files as find_audio_files
 from ..nn.mel import LogMel
 from . import functional as F
 from .classifier import EvalClassifier, fit_length

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data import make_dataset
+from ..data.datasets import make_dataset
 from .classifier import ClassifierConfig, EvalClassifier
 
 __all__ = ["labelled_clips", "train_classifier", "accuracy"]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from sashimi.audio import save_audio
+from sashimi.data.audio import save_audio
 from sashimi.cli import main
 from sashimi.metrics import ClassifierConfig, EvalClassifier, ScoreInputError, score, train_classifier
 from sashimi.metrics.score import mel_frame_features
@@ -149,7 +149,7 @@ def test_train_classifier_needs_classes(tmp_path):
 
 def test_cli_generate_score_adds_scores_and_real_clips(tmp_path, capsys):
     """`sashimi generate --score CLS`: scores in samples.json and on the page, real clips beside the samples."""
-    from sashimi.train import TrainConfig, train
+    from sashimi.training.loop import TrainConfig, train
 
     run = str(tmp_path / "run")
     train(TrainConfig(data="builtin", preset="tiny", out=run, sample_len=256, batch_size=2, max_steps=2,
@@ -201,7 +201,7 @@ def test_cli_demo_scores_its_samples(tmp_path, capsys, monkeypatch):
 
 def test_listening_page_spectrogram_of_silence(tmp_path):
     """A silent clip (the builtin data's leading silence, a model that outputs zeros) still gets a picture."""
-    from sashimi.report import spectrogram_png
+    from sashimi.pipelines.report import spectrogram_png
 
     spectrogram_png(str(tmp_path / "silence.png"), np.zeros(4000, np.float32), 16000)
     assert (tmp_path / "silence.png").stat().st_size > 0
