@@ -22,9 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--data", required=True,
                        help="'builtin' or a folder with one sub-folder of audio files per class (SC09 layout)")
     train.add_argument("--out", required=True, metavar="CLS", help="folder to write the classifier to")
-    train.add_argument("--epochs", type=int, default=12, help="training epochs (default: 12)")
+    train.add_argument("--epochs", type=int, default=4, help="training epochs (default: 4)")
     train.add_argument("--n-train", type=int, default=None,
-                       help="training clips (default: 4000 for builtin, every clip of a folder's train split)")
+                       help="training clips (default: 3000 for builtin, every clip of a folder's train split)")
     train.add_argument("--sample-rate", type=int, default=16000, help="rate the classifier works at (default: 16000)")
     train.add_argument("--clip-seconds", type=float, default=1.0, help="clip length it sees (default: 1)")
     train.add_argument("--batch-size", type=int, default=64)

@@ -23,7 +23,7 @@ from .classifier import ClassifierConfig, EvalClassifier
 
 __all__ = ["labelled_clips", "train_classifier", "accuracy"]
 
-_BUILTIN_ITEMS = {"train": 4000, "val": 400, "test": 500}
+_BUILTIN_ITEMS = {"train": 3000, "val": 400, "test": 500}
 
 
 def labelled_clips(data, split: str, sample_rate: int, clip_samples: int, n_items: int | None = None,
@@ -88,7 +88,7 @@ def _mels(model: EvalClassifier, wavs: torch.Tensor, batch_size: int = 256) -> t
 
 
 def train_classifier(data, out: str | None, *, sample_rate: int = 16000, clip_samples: int = 16000,
-                     epochs: int = 12, batch_size: int = 64, lr: float = 3e-3, weight_decay: float = 1e-2,
+                     epochs: int = 4, batch_size: int = 64, lr: float = 3e-3, weight_decay: float = 1e-2,
                      n_train: int | None = None, seed: int = 0, threads: int | None = None,
                      config: dict | None = None, log=print) -> dict:
     """Train on `data`'s train split, select on val, report test accuracy; save to `out` (when given).
