@@ -188,7 +188,7 @@ def _read_weights(directory: str, meta: dict, verify: bool) -> dict:
     return tensors
 
 
-def _check_fit(model: nn.Module, tensors: dict, directory: str) -> None:
+def _check_fit(model: nn.Module, tensors: dict, directory: str, overrides: dict) -> None:
     """Missing, unexpected or mis-shaped weights as one error naming both files."""
     own = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
     missing = sorted(set(own) - set(tensors))
@@ -204,8 +204,9 @@ def _check_fit(model: nn.Module, tensors: dict, directory: str) -> None:
         problems.append(f"{len(unexpected)} unexpected ({', '.join(unexpected[:4])}"
                         f"{', ...' if len(unexpected) > 4 else ''})")
     if problems:
+        with_overrides = f" with the overrides {overrides}" if overrides else ""
         raise PretrainedError(f"the weights in {os.path.join(directory, WEIGHTS_NAME)} do not fit the model "
-                              f"{os.path.join(directory, CONFIG_NAME)} describes: {'; '.join(problems)}")
+                              f"{os.path.join(directory, CONFIG_NAME)} describes{with_overrides}: {'; '.join(problems)}")
 
 
 def from_pretrained(directory: str, *, device=None, verify: bool = True, **overrides) -> nn.Module:
@@ -238,7 +239,7 @@ def from_pretrained(directory: str, *, device=None, verify: bool = True, **overr
         model = family.model_cls(config)
     except (TypeError, ValueError) as e:
         raise PretrainedError(f"{config_path}: cannot build the model it describes ({e})") from e
-    _check_fit(model, tensors, directory)
+    _check_fit(model, tensors, directory, overrides)
     dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
     if len(dtypes) == 1 and next(iter(dtypes)) != torch.get_default_dtype():
         model.to(next(iter(dtypes)))
