@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as checkpoint_call
 
 from ..nn.backbone import SaShiMi
+from ..nn.norms import BLOCK_NORMS
 from ..data.quantize import QUANTIZATIONS
 from .config import ConfigMixin, check_choice, check_int, check_int_tuple, check_number
 from .pretrained import PretrainedMixin
@@ -67,6 +68,9 @@ class ModelConfig(ConfigMixin):
     sample_len: int = 16000
     quantization: str = "mu_law"
     bits: int = 8
+    # the residual blocks' normalisation: 'layer', or 'scalar' for models imported from the
+    # reference's training code (sashimi.from_state_spaces)
+    block_norm: str = "layer"
     # registry key (last, so that positional construction is unchanged)
     family: str = "autoregressive"
 
@@ -80,6 +84,7 @@ class ModelConfig(ConfigMixin):
         if self.d_state % 2:
             raise ValueError(f"d_state must be even (states come in conjugate pairs), got {self.d_state}")
         check_choice("mode", self.mode, MODES)
+        check_choice("block_norm", self.block_norm, BLOCK_NORMS)
         quantization = _QUANTIZATION_ALIASES.get(str(self.quantization).lower())
         if quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
@@ -181,7 +186,8 @@ class WaveformAR(PretrainedMixin, nn.Module):
         self.embedding = nn.Embedding(config.n_classes, config.d_model)
         self.backbone = SaShiMi(config.d_model, config.n_layers, config.pool, config.expand, config.ff,
                                 bidirectional=False, unet=config.unet, dropout=config.dropout,
-                                prenorm=config.prenorm, final_norm=False, **config.s4_kwargs())
+                                prenorm=config.prenorm, final_norm=False, block_norm=config.block_norm,
+                                **config.s4_kwargs())
         self.norm = nn.LayerNorm(config.d_model)
         self.head = nn.Linear(config.d_model, config.n_classes)
 
