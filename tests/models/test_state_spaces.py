@@ -3,8 +3,9 @@
 Fixtures in the reference's layouts are made here from our own randomly perturbed models by an
 inverse map written from the reference's code (index loops for its (feature, step) orders,
 its weight norm, TransposedLN, Conv1d and Lightning names); when a state-spaces/s4 checkout is
-available (S4_REFERENCE_GIT, a git directory), its standalone Sashimi itself runs in a
-subprocess and writes the fixture.
+available (S4_REFERENCE_GIT, a git directory), the reference's own code runs in a subprocess
+and writes the fixture: its standalone Sashimi, and its training code's backbone with the
+embedding and decoder (the modules imported with stubs for hydra / omegaconf / lightning).
 """
 
 import math
@@ -261,30 +262,34 @@ REFERENCE_SCRIPT = textwrap.dedent("""
 """)
 
 
-def reference_checkout(tmp_path):
+def reference_checkout(tmp_path, paths):
+    """The reference's files `paths` (from its git directory) under tmp_path/reference, or skip."""
     git_dir = os.environ.get("S4_REFERENCE_GIT", "/work/.mirror/state-spaces+s4/repo")
     if not os.path.isdir(git_dir):
         pytest.skip("no state-spaces/s4 checkout (set S4_REFERENCE_GIT to its git directory)")
-    pytest.importorskip("einops", reason="the reference's standalone modules need einops")
+    pytest.importorskip("einops", reason="the reference's modules need einops")
     pytest.importorskip("scipy")
     root = tmp_path / "reference"
     root.mkdir()
-    archive = subprocess.run(["git", "--git-dir", git_dir, "archive", "HEAD", "models/s4/s4.py",
-                              "models/sashimi/sashimi.py"], capture_output=True, check=False)
-    if archive.returncode:
-        pytest.skip(f"cannot read the reference checkout: {archive.stderr.decode()[:200]}")
-    subprocess.run(["tar", "-x", "-C", str(root)], input=archive.stdout, check=True)
+    archive = subprocess.run(["git", "--git-dir", git_dir, "archive", "HEAD", *paths], capture_output=True)
+    subprocess.run(["tar", "-x", "-C", str(root)], input=archive.stdout, check=False, capture_output=True)
+    if not all((root / p).exists() for p in paths):
+        pytest.skip(f"cannot read {paths} from {git_dir}: {archive.stderr.decode()[:200]}")
     return root
+
+
+def run_reference(script, *args):
+    run = subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    if run.returncode:
+        pytest.fail(f"the reference's code did not run:\n{run.stderr[-2000:]}")
 
 
 @pytest.mark.parametrize("unet", [False, True])
 def test_the_reference_standalone_sashimi_itself(tmp_path, unet):
-    root = reference_checkout(tmp_path)
+    root = reference_checkout(tmp_path, ["models/s4/s4.py", "models/sashimi/sashimi.py"])
     out = tmp_path / "fixture.pt"
-    run = subprocess.run([sys.executable, "-c", REFERENCE_SCRIPT, str(root), str(out), "1" if unet else "0"],
-                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
-    if run.returncode:
-        pytest.fail(f"the reference's Sashimi did not run:\n{run.stderr[-2000:]}")
+    run_reference(REFERENCE_SCRIPT, root, out, "1" if unet else "0")
     fixture = torch.load(out, weights_only=True)
     model = from_state_spaces(fixture["state_dict"], backend=BACKEND)
     assert model.unet == unet and model.d_model == 8 and model.pool == (4, 2)
@@ -292,6 +297,77 @@ def test_the_reference_standalone_sashimi_itself(tmp_path, unet):
         y = model(fixture["x"])
     print(f"max |ours - reference| = {(y - fixture['y']).abs().max().item():.2e} (|y| <= {fixture['y'].abs().max():.2f})")
     torch.testing.assert_close(y, fixture["y"], rtol=1e-4, atol=1e-4)
+
+
+REFERENCE_TRAINING_SCRIPT = textwrap.dedent("""
+    import importlib, sys, types, warnings, torch
+    root, out = sys.argv[1], sys.argv[2]
+    sys.path.insert(0, root)
+    open(root + "/src/__init__.py", "a").close()
+    # what the modules import from hydra / omegaconf / lightning / rich, as stubs (no training stack needed)
+    def stub(name, **attrs):
+        module = types.ModuleType(name)
+        module.__dict__.update(attrs)
+        sys.modules[name] = module
+        return module
+    def get_method(path):
+        module, _, attr = path.rpartition(".")
+        return getattr(importlib.import_module(module), attr)
+    stub("hydra").utils = stub("hydra.utils", get_method=get_method, get_class=get_method)
+    stub("omegaconf", DictConfig=type("DictConfig", (dict,), {}), ListConfig=type("ListConfig", (list,), {}),
+         OmegaConf=object)
+    stub("pytorch_lightning", Callback=object).utilities = stub("pytorch_lightning.utilities",
+                                                                rank_zero_only=lambda f: f)
+    stub("rich").syntax, sys.modules["rich"].tree = stub("rich.syntax"), stub("rich.tree")
+    sys.modules["pykeops"] = None
+    warnings.simplefilter("ignore")
+    from src.models.sequence.backbones.sashimi import Sashimi
+    from src.tasks.decoders import SequenceDecoder
+    import src.models.nn.utils as U
+    # configs/model/sashimi.yaml + configs/model/layer/s4.yaml, as the audio experiments (n_ssm: 1)
+    layer = dict(_name_="s4", d_state=64, channels=1, bidirectional=False, gate=None, gate_act="id",
+                 bottleneck=None, activation="gelu", mult_act=None, final_act="glu", postact=None, initializer=None,
+                 weight_norm=False, tie_dropout=None, layer="fftconv", mode="nplr", init="legs", measure=None, rank=1,
+                 dt_min=0.001, dt_max=0.1, dt_transform="softplus", lr=dict(dt=0.001, A=0.001, B=0.001), wd=0.0,
+                 n_ssm=1, drop_kernel=0.0, deterministic=False, l_max=None, verbose=False)
+    torch.manual_seed(0)
+    lm = torch.nn.Module()  # the SequenceLightningModule's three parts, composed as train.py does
+    lm.model = Sashimi(d_model=8, n_layers=2, pool=[4, 4], expand=2, ff=2, prenorm=True, dropout=0.0, dropres=0.0,
+                       layer=layer, residual="R", norm="layer", initializer=None, transposed=True, interp=0,
+                       act_pool=None)
+    lm.encoder = U.PassthroughSequential(torch.nn.Identity(), U.PassthroughSequential(torch.nn.Embedding(256, 8)))
+    lm.decoder = U.PassthroughSequential(U.PassthroughSequential(SequenceDecoder(8, 256, mode="last")),
+                                         torch.nn.Identity())
+    lm.eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in lm.named_parameters():
+            p.add_((0.05 if ".kernel." in name else 0.2) * torch.randn(p.shape, generator=g))
+        tokens = torch.randint(0, 256, (2, 64), generator=g)
+        x, _ = lm.encoder(tokens)
+        y, _ = lm.model(x)
+        logits, _ = lm.decoder(y)
+    torch.save({"state_dict": lm.state_dict(), "tokens": tokens, "logits": logits}, out)
+""")
+
+
+def test_the_reference_training_code_model_itself(tmp_path):
+    """The src backbone (weight-normed pools, TransposedLN, FFN, softplus dt) with embedding and decoder."""
+    root = reference_checkout(tmp_path, ["src/models", "src/utils", "src/tasks"])
+    out = tmp_path / "lightning.pt"
+    run_reference(REFERENCE_TRAINING_SCRIPT, root, out)
+    fixture = torch.load(out, weights_only=True)
+    assert any(k.endswith("linear.weight_g") for k in fixture["state_dict"])
+    model = from_state_spaces(out, dt_transform="softplus", backend=BACKEND, sample_len=64)
+    assert model.config.block_norm == "scalar" and model.config.n_ssm == 1
+    with torch.no_grad():
+        logits = model(fixture["tokens"])
+    print(f"max |ours - reference| = {(logits - fixture['logits']).abs().max().item():.2e} "
+          f"(|logits| <= {fixture['logits'].abs().max():.2f})")
+    torch.testing.assert_close(logits, fixture["logits"], rtol=1e-4, atol=1e-4)
+    wrong = from_state_spaces(out, dt_transform="exp", backend=BACKEND, sample_len=64)
+    with torch.no_grad():  # the dt parameterisation is not in the weights: the wrong one shows
+        assert (wrong(fixture["tokens"]) - fixture["logits"]).abs().max() > 1e-2
 
 
 # ----------------------------------------------------------------------------- bad input
