@@ -416,7 +416,7 @@ def test_errors(tmp_path):
 @settings(max_examples=8, deadline=None)
 @given(d_model=st.sampled_from([4, 8]), n_layers=st.integers(1, 2), pool=st.sampled_from([(2,), (2, 2), (4, 2)]),
        expand=st.integers(1, 2), ff=st.integers(0, 2), mode=st.sampled_from(["dplr", "diag"]),
-       n_ssm=st.sampled_from([None, 1]), block_norm=st.sampled_from(["layer", "scalar"]),
+       n_ssm=st.sampled_from([None, 1, 2]), block_norm=st.sampled_from(["layer", "scalar"]),
        dt_transform=st.sampled_from(["exp", "softplus"]), seed=st.integers(0, 2**16))
 def test_training_code_layout_over_architectures(d_model, n_layers, pool, expand, ff, mode, n_ssm, block_norm,
                                                  dt_transform, seed):
