@@ -154,6 +154,13 @@ def load_checkpoint(path: str) -> dict:
 
 def _config_diff(saved: dict, wanted: dict) -> list[str]:
     """The model-config fields in which a checkpoint differs from the requested model, as readable lines."""
+    # fields added since the checkpoint was written (e.g. family) take their defaults
+    try:
+        from ..models.registry import resolve_config
+
+        saved = resolve_config(saved).to_dict()
+    except (TypeError, ValueError):
+        pass  # an unreadable config: compare the raw dicts
     # 'backend' picks how kernels are computed, not what the model is: a run may resume on another one
     keys = sorted((set(saved) | set(wanted)) - {"backend"})
     norm = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731  (JSON turns tuples into lists)
