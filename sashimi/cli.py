@@ -26,14 +26,12 @@ import typing
 
 
 def _flag_type(annotation):
-    """(argparse type, nargs) for a TrainConfig field annotation."""
+    """The argparse type for a TrainConfig field annotation (X | None: 'none' gives None)."""
     args = typing.get_args(annotation)
-    if typing.get_origin(annotation) is tuple:  # tuple[int, ...]
-        return args[0], "*"
-    if type(None) in args:  # X | None: 'none' gives None
+    if type(None) in args:
         (inner,) = [a for a in args if a is not type(None)]
-        return (lambda s: None if s.lower() == "none" else inner(s)), None
-    return annotation, None
+        return lambda s: None if s.lower() == "none" else inner(s)
+    return annotation
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,17 +47,15 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         if hints[f.name] is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help)
             continue
-        kind, nargs = _flag_type(hints[f.name])
-        parser.add_argument(flag, type=kind, nargs=nargs, default=argparse.SUPPRESS, help=help,
+        parser.add_argument(flag, type=_flag_type(hints[f.name]), default=argparse.SUPPRESS, help=help,
                             metavar=f.name.upper())
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from .training.loop import CheckpointError, NonFiniteLossError, TrainConfig, train
+    from .training.checkpoint import CheckpointError
+    from .training.loop import NonFiniteLossError, TrainConfig, train
 
     given = {k: v for k, v in vars(args).items() if k not in ("command", "func")}
-    if "debug_nonfinite_steps" in given:
-        given["debug_nonfinite_steps"] = tuple(given["debug_nonfinite_steps"])
     # --resume starts from the run's saved configuration; flags given now override it
     base = {}
     saved = os.path.join(given.get("out", TrainConfig.out), "config.json")
@@ -79,8 +75,9 @@ def run_train(args: argparse.Namespace) -> int:
     if result["status"] == "interrupted":
         print(f"interrupted at step {result['step']}; checkpoint {result['checkpoint']}")
     else:
-        val = result["val_bits"]
-        print(f"finished at step {result['step']}" + (f": val {val:.4f} bits/sample" if val is not None else ""))
+        val = result["val"]
+        how = "finished" if result["status"] == "finished" else f"stopped ({result['status']})"
+        print(f"{how} at step {result['step']}" + (f": val {val:.4f} {result['unit']}" if val is not None else ""))
     return 0
 
 
@@ -144,7 +141,8 @@ def _generate_to_folder(args: argparse.Namespace, info: dict | None = None, titl
     from .pipelines.generate import FastPathWarning, Generator
     from .models.autoregressive import describe
     from .pipelines.report import write_report
-    from .training.loop import BEST_CHECKPOINT, LAST_CHECKPOINT, load_checkpoint, model_from_checkpoint, resolve_checkpoint
+    from .training.checkpoint import (BEST_CHECKPOINT, LAST_CHECKPOINT, load_checkpoint, model_from_checkpoint,
+                                      resolve_checkpoint)
 
     path = resolve_checkpoint(args.ckpt, prefer=(BEST_CHECKPOINT, LAST_CHECKPOINT))
     state = load_checkpoint(path)
@@ -261,7 +259,9 @@ def run_demo(args: argparse.Namespace) -> int:
     import torch
 
     from .training.evaluate import evaluate
-    from .training.loop import LAST_CHECKPOINT, NonFiniteLossError, TrainConfig, read_metrics, train
+    from .training.checkpoint import LAST_CHECKPOINT
+    from .training.loop import NonFiniteLossError, TrainConfig, train
+    from .training.runtime import read_metrics
 
     t_start = time.time()
     run_dir, samples_dir = os.path.join(args.out, "run"), os.path.join(args.out, "samples")

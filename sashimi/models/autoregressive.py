@@ -2,8 +2,8 @@
 
 `ModelConfig` is a plain dataclass (JSON-able through to_dict/from_dict, for checkpoints),
 `PRESETS` holds the paper's configurations and a CPU-sized `tiny`, `build_model` makes a
-`WaveformAR` from either, and `nll_bits` is the likelihood in bits per sample that training
-and evaluation report.
+`WaveformAR` from either. Its training objective (the likelihood in bits per sample that
+training and evaluation report) is sashimi.objectives.autoregressive.
 """
 
 from __future__ import annotations
@@ -14,17 +14,15 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-
 from torch.utils.checkpoint import checkpoint as checkpoint_call
 
+from ..data.quantize import QUANTIZATIONS, Quantizer, quantization_kind
 from ..nn.backbone import SaShiMi
-from ..data.quantize import QUANTIZATIONS
+from ..objectives.autoregressive import AUTOREGRESSIVE, nll_bits
 
-__all__ = ["ModelConfig", "PRESETS", "WaveformAR", "build_model", "count_parameters", "describe", "nll_bits"]
+__all__ = ["ModelConfig", "PRESETS", "WaveformAR", "build_model", "count_parameters", "describe"]
 
 MODES = ("dplr", "diag")
-_QUANTIZATION_ALIASES = {"mu_law": "mu_law", "mu-law": "mu_law", "mulaw": "mu_law", "linear": "linear"}
 
 
 def _check_int(name, value, low=1):
@@ -81,10 +79,10 @@ class ModelConfig:
             raise ValueError(f"pool must be a list of ints >= 1, got {list(self.pool)!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        quantization = _QUANTIZATION_ALIASES.get(str(self.quantization).lower())
-        if quantization not in QUANTIZATIONS:
-            raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
-        self.quantization = quantization
+        try:
+            self.quantization = quantization_kind(self.quantization)
+        except ValueError:
+            raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}") from None
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 1 <= self.bits <= 16:
             raise ValueError(f"bits must be an int in [1, 16], got {self.bits!r}")
         if not 0 <= self.dropout < 1:
@@ -101,6 +99,10 @@ class ModelConfig:
     def zero_level(self) -> int:
         """The quantisation level of silence: the first input of every sequence."""
         return self.n_classes // 2
+
+    def quantizer(self) -> Quantizer:
+        """The quantiser of the model's tokens (datasets encode with it, generation decodes with it)."""
+        return Quantizer(self.quantization, self.bits)
 
     @property
     def stride(self) -> int:
@@ -179,6 +181,8 @@ class WaveformAR(nn.Module):
     state) to read a prompt in convolution mode before stepping.
     """
 
+    objective = AUTOREGRESSIVE  # what sashimi.training minimises: the NLL of the next sample
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         if not isinstance(config, ModelConfig):
@@ -199,6 +203,10 @@ class WaveformAR(nn.Module):
         """
         self.backbone.checkpoint = bool(enable)
         return self
+
+    def activation_bytes(self, batch_size: int) -> int:
+        """Estimated activation memory of one training forward of batch_size clips without checkpointing."""
+        return activation_bytes(self.config, batch_size)
 
     def check_tokens(self, tokens, shape: str = "(batch, length)", dim: int = 2) -> None:
         if not isinstance(tokens, torch.Tensor):
@@ -322,26 +330,3 @@ def activation_bytes(config: ModelConfig, batch_size: int, length: int | None = 
         if i < len(config.pool):
             steps, width = steps // config.pool[i], width * config.expand
     return 4 * per_pair * units
-
-
-def nll_bits(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None):
-    """Negative log-likelihood in bits, summed over the unmasked positions: (sum_bits, count).
-
-    logits (..., n_classes), targets (...) integer levels, mask (...) bool (True = counted) or
-    None for all. sum_bits is a differentiable 0-d tensor (cross-entropy / ln 2); count a 0-d
-    long tensor. Bits per sample = sum_bits / count; both sum across batches and processes.
-    """
-    if logits.shape[:-1] != targets.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} disagree: "
-                         "expected logits (..., n_classes) and targets (...)")
-    if targets.is_floating_point() or targets.is_complex():
-        raise TypeError(f"targets must be integer levels, got {targets.dtype}")
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1).long(),
-                         reduction="none")
-    if mask is None:
-        return ce.sum() / math.log(2), torch.tensor(ce.numel(), device=ce.device)
-    if mask.shape != targets.shape:
-        raise ValueError(f"mask {tuple(mask.shape)} must have the targets' shape {tuple(targets.shape)}")
-    mask = mask.reshape(-1)
-    ce = torch.where(mask.bool(), ce, torch.zeros((), dtype=ce.dtype, device=ce.device))
-    return ce.sum() / math.log(2), mask.bool().sum()

@@ -16,7 +16,8 @@ from conftest import skip_unless_ci
 import torch
 
 from sashimi import build_model
-from sashimi.models.autoregressive import ModelConfig, WaveformAR, nll_bits
+from sashimi.models.autoregressive import ModelConfig, WaveformAR
+from sashimi.objectives.autoregressive import nll_bits
 from sashimi.pipelines.generate import _torch_threads  # the library's own thread-count context
 from sashimi.pipelines.sampling import sample as sample_oracle
 

@@ -64,7 +64,7 @@ def run_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(run_dir):
-    from sashimi.training.loop import load_checkpoint, model_from_checkpoint
+    from sashimi.training.checkpoint import load_checkpoint, model_from_checkpoint
 
     return model_from_checkpoint(load_checkpoint(os.path.join(run_dir, "last.pt"))).eval()
 
