@@ -40,6 +40,9 @@ class PlainProgress:
     def set_postfix(self, **values) -> None:
         self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
 
+    def set_postfix_str(self, text: str) -> None:
+        self.postfix = text
+
     def _print(self) -> None:
         done = f"{self.n}/{self.total}" if self.total is not None else str(self.n)
         print(f"{self.desc}: {done} {self.postfix} [{time.time() - self.t_start:.0f} s]".replace("  ", " "),
@@ -53,26 +56,32 @@ class PlainProgress:
 
 
 class _Silent:
-    def __init__(self, iterable=None):
-        self.iterable = iterable
+    def __init__(self, iterable=None, initial: int = 0):
+        self.iterable, self.n = iterable, initial
 
     def __iter__(self):
         return iter(self.iterable)
 
     def update(self, n: int = 1) -> None:
-        pass
+        self.n += n
 
     def set_postfix(self, **values) -> None:
+        pass
+
+    def set_postfix_str(self, text: str) -> None:
         pass
 
     def close(self) -> None:
         pass
 
 
-def progress(iterable=None, *, total=None, desc: str = "", disable: bool = False, initial: int = 0):
-    """A progress display: tqdm when stderr is a terminal, PlainProgress when not, nothing when disabled."""
+def progress(iterable=None, *, total=None, desc: str = "", disable: bool = False, initial: int = 0, **tqdm_kwargs):
+    """A progress display: tqdm when stderr is a terminal, PlainProgress when not, nothing when disabled.
+
+    tqdm_kwargs (unit, unit_scale, ...) go to tqdm only.
+    """
     if disable:
-        return _Silent(iterable)
+        return _Silent(iterable, initial)
     if sys.stderr.isatty():
-        return tqdm(iterable, total=total, desc=desc, initial=initial, dynamic_ncols=True)
+        return tqdm(iterable, total=total, desc=desc, initial=initial, dynamic_ncols=True, **tqdm_kwargs)
     return PlainProgress(iterable, total=total, desc=desc, initial=initial)

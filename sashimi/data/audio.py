@@ -20,6 +20,7 @@ from fractions import Fraction
 import numpy as np
 import torch
 
+from ..checks import check_int
 from ..files import atomic_write
 
 __all__ = ["AudioError", "AudioInfo", "load_audio", "save_audio", "probe_audio", "resample_factors",
@@ -63,9 +64,7 @@ def _soundfile():
 
 
 def _check_rate(sample_rate, name="sample_rate") -> int:
-    if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0:
-        raise ValueError(f"{name} must be a positive integer (Hz), got {sample_rate!r}")
-    return int(sample_rate)
+    return check_int(name, sample_rate, 1)
 
 
 def resample_factors(rate_in: int, rate_out: int) -> tuple[int, int]:

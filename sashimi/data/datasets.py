@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..checks import check_int
 from .audio import AUDIO_EXTENSIONS, AudioError, load_audio, probe_audio, resampled_length
 from .builtin_synth import BUILTIN_CLASSES, BUILTIN_TIMBRES, MOTIFS, synthesize_clip
 from .quantize import Quantizer
@@ -57,12 +58,6 @@ def _make_quantizer(quantizer, bits: int) -> Quantizer | None:
     if isinstance(quantizer, str):
         return Quantizer(quantizer, bits)
     raise TypeError(f"quantizer must be a Quantizer, 'mu_law', 'linear' or None, got {type(quantizer).__name__}")
-
-
-def _check_positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
 
 
 class _ItemMaker:
@@ -180,8 +175,8 @@ class AudioFolderDataset(Dataset):
                  max_items: int | None = None):
         self.root = os.fspath(root)
         self.split = _canonical_split(split)
-        self.sample_rate = _check_positive_int(sample_rate, "sample_rate")
-        self.sample_len = _check_positive_int(sample_len, "sample_len")
+        self.sample_rate = check_int("sample_rate", sample_rate, 1)
+        self.sample_len = check_int("sample_len", sample_len, 1)
         self.quantizer = _make_quantizer(quantizer, bits)
         self._make_item = _ItemMaker(self.sample_len, self.quantizer)
         fractions = tuple(float(f) for f in split_fractions)
@@ -223,7 +218,7 @@ class AudioFolderDataset(Dataset):
             item_start.append(starts)
         self._item_file = np.concatenate(item_file) if item_file else np.zeros(0, np.int64)
         self._item_start = np.concatenate(item_start) if item_start else np.zeros(0, np.int64)
-        if max_items is not None and _check_positive_int(max_items, "max_items") < len(self._item_file):
+        if max_items is not None and check_int("max_items", max_items, 1) < len(self._item_file):
             keep = np.linspace(0, len(self._item_file) - 1, max_items).round().astype(np.int64)
             self._item_file, self._item_start = self._item_file[keep], self._item_start[keep]
         if self._cache:  # drop cached files that no item of this split uses (tiny-folder chunk split)
@@ -358,12 +353,10 @@ class BuiltinDataset(Dataset):
                  sample_len: int = 16000, seed: int = 0, quantizer: Quantizer | str | None = "mu_law", *,
                  bits: int = 8, duration: float = 1.0):
         self.split = _canonical_split(split)
-        self.n_items = _DEFAULT_N_ITEMS[self.split] if n_items is None else _check_positive_int(n_items, "n_items")
-        self.sample_rate = _check_positive_int(sample_rate, "sample_rate")
-        self.sample_len = _check_positive_int(sample_len, "sample_len")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-        self.seed = int(seed)
+        self.n_items = _DEFAULT_N_ITEMS[self.split] if n_items is None else check_int("n_items", n_items, 1)
+        self.sample_rate = check_int("sample_rate", sample_rate, 1)
+        self.sample_len = check_int("sample_len", sample_len, 1)
+        self.seed = check_int("seed", seed, 0)
         if not duration > 0:
             raise ValueError(f"duration must be positive (seconds), got {duration!r}")
         self.clip_len = max(1, int(round(duration * self.sample_rate)))

@@ -23,6 +23,8 @@ import math
 import numpy as np
 import torch
 
+from ..checks import check_int
+
 __all__ = [
     "Quantizer",
     "mu_law_encode",
@@ -46,9 +48,7 @@ def quantization_kind(kind) -> str:
 
 
 def _check_bits(bits: int) -> int:
-    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not 1 <= int(bits) <= 16:
-        raise ValueError(f"bits must be an integer in [1, 16] (2 to 65536 levels), got {bits!r}")
-    return int(bits)
+    return check_int("bits", bits, 1, 16)
 
 
 def _on_cpu(a) -> bool:

@@ -18,6 +18,7 @@ import os
 import torch
 from torch.utils.data import DataLoader
 
+from ..checks import check_int
 from ..data.datasets import dataset_for
 from ..files import write_json
 from ..models.registry import resolve_config
@@ -66,8 +67,7 @@ def evaluate(ckpt: str, data: str | None = None, split: str = "test", batch_size
     json_path) {summary_key (e.g. "nll_bits_per_sample"), "metric", "unit", "n_samples", "split",
     "checkpoint", "preset", "step", ...}.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_int("batch_size", batch_size, 1)
     path = resolve_checkpoint(ckpt, prefer=(BEST_CHECKPOINT, LAST_CHECKPOINT))
     state = load_checkpoint(path)
     if preset is not None and state.get("preset") != preset:

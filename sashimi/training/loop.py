@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from s4lib import param_groups
 
+from ..checks import check_int
 from ..data.datasets import dataset_for
 from ..files import atomic_write, write_json
 from ..models.registry import build_model, preset_names, resolve_config
@@ -67,13 +68,6 @@ def parse_duration(text) -> float:
     if not seconds > 0 or not math.isfinite(seconds):
         raise ValueError(f"max_time must be a positive duration, got {text!r}")
     return seconds
-
-
-def _check_positive_int(name: str, value, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer{' or None' if optional else ''}, got {value!r}")
 
 
 @dataclass
@@ -123,19 +117,21 @@ class TrainConfig:
     def check(self) -> None:
         """Raise ValueError naming the first bad field."""
         for name in ["max_steps", "batch_size", "log_every", "val_every", "ckpt_every", "max_nonfinite"]:
-            _check_positive_int(name, getattr(self, name))
+            check_int(name, getattr(self, name), 1)
         for name in ["sample_len", "micro_batch", "threads", "n_train_items", "n_val_items", "val_batches", "decay_steps"]:
-            _check_positive_int(name, getattr(self, name), optional=True)
+            check_int(name, getattr(self, name), 1, allow_none=True)
+        for name in ["warmup_steps", "num_workers", "plateau_patience", "seed"]:
+            check_int(name, getattr(self, name), 0)
         if self.max_time is not None:
             parse_duration(self.max_time)
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr!r}")
-        if self.weight_decay < 0 or self.warmup_steps < 0 or self.grad_clip < 0 or self.num_workers < 0:
-            raise ValueError("weight_decay, warmup_steps, grad_clip and num_workers must be >= 0")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError("weight_decay and grad_clip must be >= 0")
         if self.schedule not in ("cosine", "plateau"):
             raise ValueError(f"schedule must be 'cosine' or 'plateau', got {self.schedule!r}")
-        if not 0 <= self.min_lr_ratio <= 1 or not 0 < self.plateau_factor < 1 or self.plateau_patience < 0:
-            raise ValueError("need 0 <= min_lr_ratio <= 1, 0 < plateau_factor < 1, plateau_patience >= 0")
+        if not 0 <= self.min_lr_ratio <= 1 or not 0 < self.plateau_factor < 1:
+            raise ValueError("need 0 <= min_lr_ratio <= 1 and 0 < plateau_factor < 1")
         if self.ema is not None and not 0 < self.ema < 1:
             raise ValueError(f"ema must be a decay in (0, 1) or None, got {self.ema!r}")
         if self.checkpointing not in ("auto", "on", "off"):
