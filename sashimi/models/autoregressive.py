@@ -220,7 +220,7 @@ class WaveformAR(nn.Module):
                              f"[{int(tokens.min())}, {int(tokens.max())}]")
 
     # tokens per chunk of the head + cross-entropy in forward(tokens, targets): the (B, L, n_classes)
-    # logits are never materialised whole (131 MB at sc09 batch 8 per copy, and autograd keeps several)
+    # logits are never materialised whole (autograd would keep several copies; docs/benchmarks.md)
     LOSS_CHUNK_TOKENS = 16384
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, mask: torch.Tensor | None = None):
@@ -317,8 +317,8 @@ def activation_bytes(config: ModelConfig, batch_size: int, length: int | None = 
     """Estimated memory of the activations autograd keeps for one training forward (no checkpointing).
 
     Per (S4, FF) block pair and level: about 7 tensors of the level's (batch, length, width) size
-    for the S4 block and 1 + 2 ff for the FF block, in float32 (measured: 6.3 GB for sc09 at
-    batch 8 against 5.5 GB estimated, the rest being the loss and the S4 kernels). The centre
+    for the S4 block and 1 + 2 ff for the FF block, in float32 (a slight underestimate: the loss
+    and the S4 kernels come on top; docs/benchmarks.md compares it with a measurement). The centre
     has n_layers pairs; each pooling level n_layers (2 n_layers with unet=True).
     """
     length = config.sample_len if length is None else length

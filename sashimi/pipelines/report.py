@@ -11,14 +11,13 @@ spectrogram image per sample, each referring to a file next to it by a relative 
 from __future__ import annotations
 
 import html
-import json
 import math
 import os
 
 import numpy as np
 
 from ..data.audio import save_audio
-from ..files import atomic_write
+from ..files import atomic_write, write_json
 
 __all__ = ["write_report", "spectrogram_png"]
 
@@ -109,7 +108,7 @@ def write_report(out_dir: str, result, info: dict | None = None, title: str = "s
 
     record = {"info": info, **summary}
     json_path = os.path.join(out_dir, "samples.json")
-    atomic_write(json_path, (json.dumps(record, indent=2, default=str) + "\n").encode())
+    write_json(json_path, record, default=str)
 
     throughput = summary["throughput"]
     settings = {k: v for k, v in summary["settings"].items() if v is not None}
