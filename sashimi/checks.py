@@ -1,4 +1,4 @@
-"""Argument checks at config and API boundaries: check_int, check_number, check_ints (clear ValueErrors)."""
+"""Argument checks at config and API boundaries: check_int, check_number, check_choice, check_int_tuple."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 import numbers
 from typing import Any, Iterable
 
-__all__ = ["check_int", "check_number", "check_ints"]
+__all__ = ["check_int", "check_number", "check_choice", "check_int_tuple"]
 
 
 def _expected_int(low, high) -> str:
@@ -60,12 +60,21 @@ def check_number(name: str, value: Any, low: float | None = None, high: float | 
     return value
 
 
-def check_ints(name: str, values: Any, low: int | None = None) -> tuple[int, ...]:
-    """A sequence of ints >= low as a tuple of ints."""
-    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
-        raise ValueError(f"{name} must be a sequence of ints >= {low}, got {values!r}")
-    values = tuple(values)
-    if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or (low is not None and v < low)
-           for v in values):
-        raise ValueError(f"{name} must be a sequence of ints >= {low}, got {list(values)!r}")
-    return tuple(int(v) for v in values)
+def check_choice(name: str, value: Any, choices: Iterable) -> Any:
+    """`value` must be one of `choices`; returns it."""
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
+def check_int_tuple(name: str, value: Any, low: int = 1, length: int | None = None) -> tuple:
+    """A sequence of ints >= low (of `length` entries when given) as a tuple."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise ValueError(f"{name} must be a list of ints >= {low}, got {value!r}")
+    value = tuple(value)
+    if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low for v in value):
+        raise ValueError(f"{name} must be a list of ints >= {low}, got {list(value)!r}")
+    if length is not None and len(value) != length:
+        raise ValueError(f"{name} needs {length} entries, got {list(value)!r}")
+    return tuple(int(v) for v in value)

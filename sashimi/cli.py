@@ -197,12 +197,38 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- export
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ckpt", required=True, help="run directory (its best.pt, else last.pt) or checkpoint file")
+    parser.add_argument("--out", required=True, metavar="DIR", help="folder for config.json and model.safetensors")
+    parser.add_argument("--no-ema", dest="use_ema", action="store_false",
+                        help="export the raw weights even when the checkpoint has EMA weights")
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from .training.export import export_checkpoint
+
+    try:
+        info = export_checkpoint(args.ckpt, args.out, use_ema=args.use_ema)
+    except (ValueError, OSError) as e:
+        print(f"sashimi export: error: {e}", file=sys.stderr)
+        return 1
+    print(f"sashimi export: {info['source_checkpoint']} (step {info['step']}) -> {args.out}: "
+          f"{'EMA' if info['weights'] == 'ema' else 'raw (no EMA in the checkpoint)' if args.use_ema else 'raw'} "
+          f"weights; load with sashimi.from_pretrained({args.out!r})")
+    return 0
+
+
 # ----------------------------------------------------------------------------- entry point
 
 COMMANDS = {
     "train": (add_train_arguments, run_train, "train a model (or --resume a run); torchrun for many processes"),
     "eval": (add_eval_arguments, run_eval, "NLL in bits/sample of a checkpoint over a data split"),
     "generate": (add_generate_arguments, run_generate, "sample audio from a checkpoint: WAVs, samples.json, index.html"),
+    "export": (add_export_arguments, run_export, "write a checkpoint as a shareable model folder "
+               "(config.json + model.safetensors; EMA weights when present)"),
     "demo": (add_demo_arguments, run_demo, "train the tiny model for a few minutes, then generate a listening page"),
 }
 

@@ -28,7 +28,8 @@ from torch.utils.checkpoint import checkpoint as checkpoint_call
 
 from s4lib import S4Block
 
-from ..checks import check_int, check_ints
+from ..checks import check_int, check_int_tuple
+from .norms import make_block_norm
 
 __all__ = ["SaShiMi", "DownPool", "UpPool", "FFBlock", "ResidualBlock"]
 
@@ -104,14 +105,16 @@ class FFBlock(nn.Module):
 class ResidualBlock(nn.Module):
     """x + dropout(layer(norm(x))) (prenorm), or norm(x + dropout(layer(x))) (postnorm).
 
-    `layer` is an S4Block (stateful, returns (y, state)) or an FFBlock (stateless).
+    `layer` is an S4Block (stateful, returns (y, state)) or an FFBlock (stateless); norm is
+    'layer' (nn.LayerNorm) or 'scalar' (sashimi.nn.norms.ScalarLayerNorm).
     """
 
-    def __init__(self, d_model: int, layer: nn.Module, dropout: float = 0.0, prenorm: bool = True):
+    def __init__(self, d_model: int, layer: nn.Module, dropout: float = 0.0, prenorm: bool = True,
+                 norm: str = "layer"):
         super().__init__()
         self.layer, self.prenorm = layer, prenorm
         self.stateful = isinstance(layer, S4Block)
-        self.norm = nn.LayerNorm(d_model)
+        self.norm = make_block_norm(norm, d_model)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, state=None):
@@ -157,6 +160,8 @@ class SaShiMi(nn.Module):
     dropout: in the S4 and FF layers and on each residual branch.
     prenorm: LayerNorm before each layer (True) or after each residual add (False).
     final_norm: a LayerNorm on the output (as in the reference backbone).
+    block_norm: the residual blocks' normalisation, 'layer' (LayerNorm) or 'scalar' (one gain
+        and shift, as in the reference's training code; see sashimi.nn.norms).
     checkpoint: gradient checkpointing in training, one checkpoint per (S4, FF) layer pair
         (per block in the U-Net's skip-connected paths); the `checkpoint` attribute may be
         switched at any time. Activations are recomputed in the backward pass, trading about
@@ -170,18 +175,21 @@ class SaShiMi(nn.Module):
 
     def __init__(self, d_model: int = 64, n_layers: int = 8, pool=(4, 4), expand: int = 2, ff: int = 2,
                  bidirectional: bool | None = None, unet: bool = False, dropout: float = 0.0,
-                 prenorm: bool = True, final_norm: bool = True, checkpoint: bool = False, **s4_kwargs):
+                 prenorm: bool = True, final_norm: bool = True, checkpoint: bool = False, block_norm: str = "layer",
+                 **s4_kwargs):
         super().__init__()
         for name, value, low in (("d_model", d_model, 1), ("n_layers", n_layers, 0), ("expand", expand, 1),
                                  ("ff", ff, 0)):
             check_int(name, value, low)
-        pool = check_ints("pool", pool, low=1)
+        pool = check_int_tuple("pool", pool, low=1)
         if not 0 <= dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         for key in ("transposed", "d_model"):
             if key in s4_kwargs:
                 raise ValueError(f"{key!r} is set by SaShiMi, not an S4 keyword here")
+        make_block_norm(block_norm, 1)  # validates the name
         bidirectional = unet if bidirectional is None else bool(bidirectional)
+        self.block_norm = block_norm
         self.d_model, self.n_layers, self.pool, self.expand, self.ff = d_model, n_layers, pool, expand, ff
         self.unet, self.bidirectional = bool(unet), bidirectional
         self.causal = not bidirectional
@@ -193,9 +201,9 @@ class SaShiMi(nn.Module):
             layers = []
             for _ in range(n_layers):
                 s4 = S4Block(width, transposed=False, dropout=dropout, bidirectional=bidirectional, **s4_kwargs)
-                layers.append(ResidualBlock(width, s4, dropout, prenorm))
+                layers.append(ResidualBlock(width, s4, dropout, prenorm, block_norm))
                 if ff > 0:
-                    layers.append(ResidualBlock(width, FFBlock(width, ff, dropout), dropout, prenorm))
+                    layers.append(ResidualBlock(width, FFBlock(width, ff, dropout), dropout, prenorm, block_norm))
             return nn.ModuleList(layers)
 
         levels = range(len(pool))

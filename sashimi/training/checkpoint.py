@@ -130,10 +130,11 @@ def load_checkpoint(path: str) -> dict:
 
 def config_diff(saved: dict, wanted: dict) -> list[str]:
     """The model-config fields in which a checkpoint differs from the requested model, as readable lines."""
-    try:  # both as written by today's config class (fields added since, like `family`, get their defaults)
-        saved, wanted = resolve_config(saved).to_dict(), resolve_config(wanted).to_dict()
+    # fields added since the checkpoint was written (e.g. family) take their defaults
+    try:
+        saved = resolve_config(saved).to_dict()
     except (TypeError, ValueError):
-        pass
+        pass  # an unreadable config: compare the raw dicts
     # 'backend' picks how kernels are computed, not what the model is: a run may resume on another one
     keys = sorted((set(saved) | set(wanted)) - {"backend"})
     norm = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731  (JSON turns tuples into lists)
