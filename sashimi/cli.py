@@ -39,7 +39,7 @@ def _flag_type(annotation):
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field (--max-steps for max_steps, ...), help from the field."""
-    from .training.config import TrainConfig
+    from .training.loop import TrainConfig
 
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
@@ -56,8 +56,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     from .training.checkpoint import CheckpointError
-    from .training.config import TrainConfig
-    from .training.loop import NonFiniteLossError, train
+    from .training.loop import NonFiniteLossError, TrainConfig, train
 
     given = {k: v for k, v in vars(args).items() if k not in ("command", "func")}
     # --resume starts from the run's saved configuration; flags given now override it

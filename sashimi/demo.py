@@ -21,8 +21,7 @@ from .models.registry import build_model
 from .pipelines.from_checkpoint import check_generation, generate_from_checkpoint
 from .training.checkpoint import LAST_CHECKPOINT
 from .training.evaluate import evaluate
-from .training.config import TrainConfig
-from .training.loop import train
+from .training.loop import TrainConfig, train
 from .training.runtime import read_metrics
 
 __all__ = ["DEMO_TRAIN", "DEMO_TEST_CLIPS", "run_demo"]

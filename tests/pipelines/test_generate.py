@@ -54,8 +54,7 @@ def tiny():
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A real checkpoint written by the real training loop (a few steps)."""
-    from sashimi.training.config import TrainConfig
-    from sashimi.training.loop import train
+    from sashimi.training.loop import TrainConfig, train
 
     out = str(tmp_path_factory.mktemp("gen") / "run")
     train(TrainConfig(data="builtin", preset="tiny", out=out, sample_len=256, batch_size=2, max_steps=3,

@@ -7,8 +7,7 @@ import os
 import pytest
 import torch
 
-from sashimi.training.config import TrainConfig
-from sashimi.training.loop import train
+from sashimi.training.loop import TrainConfig, train
 from sashimi.training.runtime import read_metrics
 
 FIXTURE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fixtures", "golden_tiny_run.json")

@@ -20,8 +20,7 @@ from sashimi.cli import main
 from sashimi.training import loop
 from sashimi.training.checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint, model_from_checkpoint
 from sashimi.training.evaluate import evaluate
-from sashimi.training.config import TrainConfig, parse_duration
-from sashimi.training.loop import NonFiniteLossError, train
+from sashimi.training.loop import NonFiniteLossError, TrainConfig, train
 from sashimi.training.runtime import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -283,11 +282,11 @@ def test_mismatched_or_foreign_checkpoints_give_clear_errors(tmp_path, capsys):
 
 
 def test_durations():
-    assert [parse_duration(t) for t in (90, "90", "90s", "30m", "2h", "1.5h", " 45 S")] == \
+    assert [loop.parse_duration(t) for t in (90, "90", "90s", "30m", "2h", "1.5h", " 45 S")] == \
         [90, 90, 90, 1800, 7200, 5400, 45]
     for bad in ("", "3d", "-5m", "0", "m", "1e3"):
         with pytest.raises(ValueError, match="max_time"):
-            parse_duration(bad)
+            loop.parse_duration(bad)
     with pytest.raises(ValueError, match="max_time"):
         small("unused", max_time="soon").check()
 
