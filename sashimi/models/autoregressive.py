@@ -2,8 +2,8 @@
 
 `ModelConfig` is a plain dataclass (JSON-able through to_dict/from_dict, for checkpoints),
 `PRESETS` holds the paper's configurations and a CPU-sized `tiny`, `build_model` makes a
-`WaveformAR` from either, and `nll_bits` is the likelihood in bits per sample that training
-and evaluation report.
+`WaveformAR` from either. Its training objective (the likelihood in bits per sample that
+training and evaluation report) is sashimi.objectives.autoregressive.
 """
 
 from __future__ import annotations
@@ -14,21 +14,20 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-
 from torch.utils.checkpoint import checkpoint as checkpoint_call
 
+from ..data.quantize import QUANTIZATIONS, Quantizer, quantization_kind
 from ..nn.backbone import SaShiMi
 from ..nn.norms import BLOCK_NORMS
-from ..data.quantize import QUANTIZATIONS
-from .config import ConfigMixin, check_choice, check_int, check_int_tuple, check_number
+from ..objectives.autoregressive import AUTOREGRESSIVE, nll_bits
+from ..checks import check_choice, check_int, check_int_tuple, check_number
+from .config import ConfigMixin
 from .pretrained import PretrainedMixin
 from .registry import register_family
 
-__all__ = ["ModelConfig", "PRESETS", "WaveformAR", "build_model", "count_parameters", "describe", "nll_bits"]
+__all__ = ["ModelConfig", "PRESETS", "WaveformAR", "build_model", "count_parameters", "describe"]
 
 MODES = ("dplr", "diag")
-_QUANTIZATION_ALIASES = {"mu_law": "mu_law", "mu-law": "mu_law", "mulaw": "mu_law", "linear": "linear"}
 
 
 @dataclass
@@ -85,10 +84,10 @@ class ModelConfig(ConfigMixin):
             raise ValueError(f"d_state must be even (states come in conjugate pairs), got {self.d_state}")
         check_choice("mode", self.mode, MODES)
         check_choice("block_norm", self.block_norm, BLOCK_NORMS)
-        quantization = _QUANTIZATION_ALIASES.get(str(self.quantization).lower())
-        if quantization not in QUANTIZATIONS:
-            raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
-        self.quantization = quantization
+        try:
+            self.quantization = quantization_kind(self.quantization)
+        except ValueError:
+            raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}") from None
         check_int("bits", self.bits, 1, 16)
         check_number("dropout", self.dropout, 0, 1, high_open=True)
         check_number("dt_min", self.dt_min, 0, low_open=True)
@@ -107,6 +106,10 @@ class ModelConfig(ConfigMixin):
     def zero_level(self) -> int:
         """The quantisation level of silence: the first input of every sequence."""
         return self.n_classes // 2
+
+    def quantizer(self) -> Quantizer:
+        """The quantiser of the model's tokens (datasets encode with it, generation decodes with it)."""
+        return Quantizer(self.quantization, self.bits)
 
     @property
     def stride(self) -> int:
@@ -177,6 +180,8 @@ class WaveformAR(PretrainedMixin, nn.Module):
     state) to read a prompt in convolution mode before stepping.
     """
 
+    objective = AUTOREGRESSIVE  # what sashimi.training minimises: the NLL of the next sample
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         if not isinstance(config, ModelConfig):
@@ -199,6 +204,10 @@ class WaveformAR(PretrainedMixin, nn.Module):
         self.backbone.checkpoint = bool(enable)
         return self
 
+    def activation_bytes(self, batch_size: int) -> int:
+        """Estimated activation memory of one training forward of batch_size clips without checkpointing."""
+        return activation_bytes(self.config, batch_size)
+
     def check_tokens(self, tokens, shape: str = "(batch, length)", dim: int = 2) -> None:
         if not isinstance(tokens, torch.Tensor):
             raise TypeError(f"tokens must be an integer torch.Tensor of shape {shape}, got {type(tokens).__name__}")
@@ -211,7 +220,7 @@ class WaveformAR(PretrainedMixin, nn.Module):
                              f"[{int(tokens.min())}, {int(tokens.max())}]")
 
     # tokens per chunk of the head + cross-entropy in forward(tokens, targets): the (B, L, n_classes)
-    # logits are never materialised whole (131 MB at sc09 batch 8 per copy, and autograd keeps several)
+    # logits are never materialised whole (autograd would keep several copies; docs/benchmarks.md)
     LOSS_CHUNK_TOKENS = 16384
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, mask: torch.Tensor | None = None):
@@ -312,8 +321,8 @@ def activation_bytes(config: ModelConfig, batch_size: int, length: int | None = 
     """Estimated memory of the activations autograd keeps for one training forward (no checkpointing).
 
     Per (S4, FF) block pair and level: about 7 tensors of the level's (batch, length, width) size
-    for the S4 block and 1 + 2 ff for the FF block, in float32 (measured: 6.3 GB for sc09 at
-    batch 8 against 5.5 GB estimated, the rest being the loss and the S4 kernels). The centre
+    for the S4 block and 1 + 2 ff for the FF block, in float32 (a slight underestimate: the loss
+    and the S4 kernels come on top; docs/benchmarks.md compares it with a measurement). The centre
     has n_layers pairs; each pooling level n_layers (2 n_layers with unet=True).
     """
     length = config.sample_len if length is None else length
@@ -325,29 +334,6 @@ def activation_bytes(config: ModelConfig, batch_size: int, length: int | None = 
         if i < len(config.pool):
             steps, width = steps // config.pool[i], width * config.expand
     return 4 * per_pair * units
-
-
-def nll_bits(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None):
-    """Negative log-likelihood in bits, summed over the unmasked positions: (sum_bits, count).
-
-    logits (..., n_classes), targets (...) integer levels, mask (...) bool (True = counted) or
-    None for all. sum_bits is a differentiable 0-d tensor (cross-entropy / ln 2); count a 0-d
-    long tensor. Bits per sample = sum_bits / count; both sum across batches and processes.
-    """
-    if logits.shape[:-1] != targets.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} disagree: "
-                         "expected logits (..., n_classes) and targets (...)")
-    if targets.is_floating_point() or targets.is_complex():
-        raise TypeError(f"targets must be integer levels, got {targets.dtype}")
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1).long(),
-                         reduction="none")
-    if mask is None:
-        return ce.sum() / math.log(2), torch.tensor(ce.numel(), device=ce.device)
-    if mask.shape != targets.shape:
-        raise ValueError(f"mask {tuple(mask.shape)} must have the targets' shape {tuple(targets.shape)}")
-    mask = mask.reshape(-1)
-    ce = torch.where(mask.bool(), ce, torch.zeros((), dtype=ce.dtype, device=ce.device))
-    return ce.sum() / math.log(2), mask.bool().sum()
 
 
 register_family("autoregressive", ModelConfig, WaveformAR, PRESETS)

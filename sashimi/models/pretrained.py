@@ -16,10 +16,11 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 
 import torch
 import torch.nn as nn
+
+from ..files import atomic_write
 
 __all__ = ["PretrainedError", "PretrainedMixin", "save_pretrained", "from_pretrained", "read_pretrained_config",
            "FORMAT_NAME", "FORMAT_VERSION", "CONFIG_NAME", "WEIGHTS_NAME"]
@@ -41,22 +42,6 @@ def _safetensors():
     except ImportError as e:  # pragma: no cover - a declared dependency
         raise ImportError("the sashimi model format needs the safetensors package: pip install safetensors") from e
     return safetensors.torch
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-    """Write bytes to path through a temporary file in the same folder (fsync, then rename)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _split_state(model: nn.Module):
@@ -119,7 +104,7 @@ def save_pretrained(model: nn.Module, directory: str, *, info: dict | None = Non
     data = _safetensors().save(tensors, metadata=metadata)
     dtypes = sorted({str(t.dtype).replace("torch.", "") for t in tensors.values() if t.is_floating_point()})
     os.makedirs(directory, exist_ok=True)
-    _write_atomic(os.path.join(directory, WEIGHTS_NAME), data)
+    atomic_write(os.path.join(directory, WEIGHTS_NAME), data)
     config = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -134,7 +119,7 @@ def save_pretrained(model: nn.Module, directory: str, *, info: dict | None = Non
         "torch_version": str(torch.__version__),
     }
     text = json.dumps(config, indent=2, sort_keys=False) + "\n"
-    _write_atomic(os.path.join(directory, CONFIG_NAME), text.encode())
+    atomic_write(os.path.join(directory, CONFIG_NAME), text.encode())
     return directory
 
 

@@ -12,7 +12,8 @@ from hypothesis import given, strategies as st
 import sashimi
 from sashimi.models import registry
 from sashimi.models.autoregressive import PRESETS, ModelConfig, WaveformAR
-from sashimi.models.config import ConfigMixin, check_choice, check_int, check_int_tuple, check_number
+from sashimi.checks import check_choice, check_int, check_int_tuple, check_number
+from sashimi.models.config import ConfigMixin
 from sashimi.models.pretrained import PretrainedMixin
 
 
