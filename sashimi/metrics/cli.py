@@ -11,7 +11,7 @@ import json
 import os
 import sys
 
-__all__ = ["add_arguments", "run", "format_scores", "scores_and_references"]
+__all__ = ["add_arguments", "run", "format_scores"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,35 +54,6 @@ def format_scores(s: dict) -> str:
              f"  NDB     {s['ndb']:4d} / {s['ndb_bins']:<3d}   (lower is better; bins differing at p < 0.05)",
              f"  mel FD  {s['mel_fd']:10.4f}   (lower is better; log-mel frame statistics, no classifier)"]
     return "\n".join(lines + [f"note: {n}" for n in s["notes"]])
-
-
-def scores_and_references(classifier: str, real, result, n_references: int = 4, n_real: int = 500):
-    """(scores of a GenerationResult against `real`, {"audio", "sample_rate", "labels"} of a few real clips).
-
-    What `sashimi generate --score` puts on the listening page. The real clips are at the
-    result's sample rate; from the builtin data they are of different classes and timbres.
-    """
-    from .classifier import EvalClassifier
-    from .score import load_clips, score
-
-    model = EvalClassifier.from_pretrained(classifier)
-    scores = score(model, real, result, n_real=n_real)
-    scores["classifier"] = os.path.abspath(classifier)
-    references = None
-    if n_references > 0:
-        length = result.audio.shape[1]
-        if isinstance(real, str) and real.lower() == "builtin":
-            from ..data.datasets import BuiltinDataset
-
-            data = BuiltinDataset("test", sample_rate=result.sample_rate, quantizer=None, waveform=True)
-            clips = [11 * i % data.n_items for i in range(n_references)]  # motif i, timbre i % 4
-            audio = [data.clip(c)[:length] for c in clips]
-            labels = [f"{data.clip_info(c)['class_name']}, {data.clip_info(c)['timbre_name']}" for c in clips]
-        else:
-            audio = list(load_clips(real, "real", result.sample_rate, length, [], n_references).numpy())
-            labels = None
-        references = {"audio": audio, "sample_rate": result.sample_rate, "labels": labels}
-    return scores, references
 
 
 def _run_train(args) -> int:

@@ -22,13 +22,13 @@ import torch
 
 from ..data.audio import AudioError, load_audio, probe_audio, resample_factors
 from ..data.audio import _resample as resample_array
-from ..data.datasets import make_dataset
+from ..data.datasets import BuiltinDataset, make_dataset
 from ..data.datasets import _find_audio_files as find_audio_files
 from ..nn.mel import LogMel
 from . import functional as F
 from .classifier import EvalClassifier, fit_length
 
-__all__ = ["score", "ScoreInputError", "load_clips", "mel_frame_features", "mel_frechet_distance", "MEL_SETTINGS"]
+__all__ = ["score", "scores_and_references", "ScoreInputError", "load_clips", "mel_frame_features", "mel_frechet_distance", "MEL_SETTINGS"]
 
 # The classifier-free mel statistics: 64 Slaney mel bands up to min(8 kHz, Nyquist), 64 ms windows, 16 ms hop.
 MEL_SETTINGS = dict(n_fft=1024, win_length=1024, hop_length=256, n_mels=64, f_min=0.0, f_max=8000.0)
@@ -175,3 +175,27 @@ def score(classifier, real, fake, *, n_real: int | None = None, n_fake: int | No
         "classifier_test_accuracy": cfg.evaluation.get("test_accuracy"),
         "notes": notes,
     }
+
+
+def scores_and_references(classifier: str, real, result, n_references: int = 4, n_real: int = 500):
+    """(scores of a GenerationResult against `real`, {"audio", "sample_rate", "labels"} of a few real clips).
+
+    What `sashimi generate --score` puts on the listening page. The real clips are at the
+    result's sample rate; from the builtin data they are of different classes and timbres.
+    """
+    model = EvalClassifier.from_pretrained(classifier)
+    scores = score(model, real, result, n_real=n_real)
+    scores["classifier"] = os.path.abspath(classifier)
+    references = None
+    if n_references > 0:
+        length = result.audio.shape[1]
+        if isinstance(real, str) and real.lower() == "builtin":
+            data = BuiltinDataset("test", sample_rate=result.sample_rate, quantizer=None, waveform=True)
+            clips = [11 * i % data.n_items for i in range(n_references)]  # motif i, timbre i % 4
+            audio = [data.clip(c)[:length] for c in clips]
+            labels = [f"{data.clip_info(c)['class_name']}, {data.clip_info(c)['timbre_name']}" for c in clips]
+        else:
+            audio = list(load_clips(real, "real", result.sample_rate, length, [], n_references).numpy())
+            labels = None
+        references = {"audio": audio, "sample_rate": result.sample_rate, "labels": labels}
+    return scores, references

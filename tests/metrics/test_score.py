@@ -176,10 +176,10 @@ def test_cli_generate_score_adds_scores_and_real_clips(tmp_path, capsys):
 
 def test_cli_demo_scores_its_samples(tmp_path, capsys, monkeypatch):
     """The demo with a classifier: scores, real clips and the NLL gap on the page and in the printout."""
-    import sashimi.cli
+    import sashimi.demo
 
-    monkeypatch.setattr(sashimi.cli, "_DEMO_TRAIN", {**sashimi.cli._DEMO_TRAIN, "sample_len": 256, "n_val_items": 1})
-    monkeypatch.setattr(sashimi.cli, "_DEMO_TEST_CLIPS", 1)
+    monkeypatch.setattr(sashimi.demo, "DEMO_TRAIN", {**sashimi.demo.DEMO_TRAIN, "sample_len": 256, "n_val_items": 1})
+    monkeypatch.setattr(sashimi.demo, "DEMO_TEST_CLIPS", 1)
     torch.manual_seed(0)
     cls = str(tmp_path / "cls")
     EvalClassifier(ClassifierConfig(classes=("a", "b"), sample_rate=16000, clip_samples=800, n_fft=256,
