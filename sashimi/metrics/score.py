@@ -42,7 +42,7 @@ class ScoreInputError(ValueError):
 def _builtin_clips(spec: str, sample_rate: int, clip_samples: int, n: int | None) -> torch.Tensor:
     split = spec.split(":", 1)[1] if ":" in spec else "test"
     dataset = make_dataset("builtin", split, sample_rate=sample_rate, sample_len=clip_samples, quantization=None,
-                           waveform=True, n_items=n or _BUILTIN_CLIPS)
+                           n_items=n or _BUILTIN_CLIPS)
     return torch.stack([dataset[i]["wav"] for i in range(len(dataset))])
 
 
@@ -190,7 +190,7 @@ def scores_and_references(classifier: str, real, result, n_references: int = 4, 
     if n_references > 0:
         length = result.audio.shape[1]
         if isinstance(real, str) and real.lower() == "builtin":
-            data = BuiltinDataset("test", sample_rate=result.sample_rate, quantizer=None, waveform=True)
+            data = BuiltinDataset("test", sample_rate=result.sample_rate, quantizer=None)
             clips = [11 * i % data.n_items for i in range(n_references)]  # motif i, timbre i % 4
             audio = [data.clip(c)[:length] for c in clips]
             labels = [f"{data.clip_info(c)['class_name']}, {data.clip_info(c)['timbre_name']}" for c in clips]

@@ -36,7 +36,7 @@ def labelled_clips(data, split: str, sample_rate: int, clip_samples: int, n_item
     if isinstance(data, str) and data.lower() == "builtin" and n_items is None:
         n_items = _BUILTIN_ITEMS[split]
     dataset = make_dataset(data, split, sample_rate=sample_rate, sample_len=clip_samples, quantization=None,
-                           waveform=True, seed=seed, n_items=n_items)
+                           seed=seed, n_items=n_items)
     classes = tuple(dataset.classes)
     if len(classes) < 2:
         raise ValueError(f"{data!r} has {len(classes)} class sub-folder(s); the classifier needs labelled audio in "
