@@ -28,7 +28,7 @@ __all__ = ["DEMO_TRAIN", "DEMO_TEST_CLIPS", "DEMO_SAMPLING", "run_demo"]
 
 DEMO_TRAIN = dict(data="builtin", preset="tiny", sample_len=1024, batch_size=8, n_val_items=16, lr=4e-3)
 DEMO_TEST_CLIPS = 16  # test clips evaluated after training
-DEMO_SAMPLING = dict(temperature=1.0, top_p=0.9)  # chosen by sample-quality scores (docs/metrics.md)
+DEMO_SAMPLING = dict(temperature=1.0, top_p=0.95)  # chosen by sample-quality scores (docs/metrics.md)
 DEMO_CLASSIFIER = dict(n_train=1500, epochs=4)  # a quick evaluation classifier for the scores (docs/metrics.md)
 MAX_STEPS = 20_000
 
