@@ -268,6 +268,10 @@ def run_demo(args: argparse.Namespace) -> int:
     try:
         if not args.minutes > 0:
             raise ValueError(f"--minutes must be > 0, got {args.minutes}")
+        gen_args = argparse.Namespace(ckpt=run_dir, n=args.n, seconds=args.seconds, temperature=1.0, top_k=0,
+                                      top_p=1.0, prefix=None, batch_size=args.n, seed=args.seed, out=samples_dir,
+                                      fast=args.fast, use_ema=True, progress=args.progress)
+        _check_generate_flags(gen_args)  # before training: a bad --n / --seconds / --seed costs nothing
         val_bits, steps = None, None
         if os.path.exists(os.path.join(run_dir, LAST_CHECKPOINT)):
             print(f"sashimi demo: {run_dir} already holds a trained model; skipping training "
@@ -297,10 +301,6 @@ def run_demo(args: argparse.Namespace) -> int:
         t_trained = time.time()
         test = evaluate(run_dir, "builtin", split="test", n_items=_DEMO_TEST_CLIPS, batch_size=8,
                         progress=args.progress)
-        gen_args = argparse.Namespace(ckpt=run_dir, n=args.n, seconds=args.seconds, temperature=1.0, top_k=0,
-                                      top_p=1.0, prefix=None, batch_size=args.n, seed=args.seed, out=samples_dir,
-                                      fast=args.fast, use_ema=True, progress=args.progress)
-        _check_generate_flags(gen_args)
         info = {"training_steps": steps, "training_minutes": round((t_trained - t_start) / 60, 2),
                 "val_bits_per_sample": val_bits, "test_bits_per_sample": test["nll_bits_per_sample"],
                 "data": "builtin (synthetic)"}

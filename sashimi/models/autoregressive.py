@@ -27,6 +27,10 @@ MODES = ("dplr", "diag")
 _QUANTIZATION_ALIASES = {"mu_law": "mu_law", "mu-law": "mu_law", "mulaw": "mu_law", "linear": "linear"}
 
 
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _check_int(name, value, low=1):
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
@@ -87,8 +91,16 @@ class ModelConfig:
         self.quantization = quantization
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 1 <= self.bits <= 16:
             raise ValueError(f"bits must be an int in [1, 16], got {self.bits!r}")
-        if not 0 <= self.dropout < 1:
+        for name in ("prenorm", "unet", "hurwitz"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if not _is_real(self.dropout) or not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.ssm_lr is not None and (not _is_real(self.ssm_lr) or not 0 <= self.ssm_lr < math.inf):
+            raise ValueError(f"ssm_lr must be a finite learning rate >= 0 (0 freezes A, B, dt) or None, "
+                             f"got {self.ssm_lr!r}")
+        if not (_is_real(self.dt_min) and _is_real(self.dt_max) and 0 < self.dt_min <= self.dt_max < math.inf):
+            raise ValueError(f"need finite 0 < dt_min <= dt_max, got dt_min={self.dt_min!r}, dt_max={self.dt_max!r}")
         if self.sample_len % self.stride:
             raise ValueError(f"sample_len={self.sample_len} must be a multiple of prod(pool)={self.stride} "
                              f"(pool={list(self.pool)})")

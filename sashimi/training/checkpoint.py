@@ -141,9 +141,17 @@ def resolve_checkpoint(ckpt: str, prefer: tuple[str, ...] = (LAST_CHECKPOINT,)) 
 def load_checkpoint(path: str) -> dict:
     """torch.load(weights_only=True) plus format checks; raises CheckpointError with the reason."""
     try:
+        size = os.path.getsize(path)
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}") from e
+    if size == 0:
+        raise CheckpointError(f"cannot read checkpoint {path}: the file is empty (0 bytes; its writing was cut "
+                              f"short, e.g. by a full disk); use another checkpoint of the run or retrain")
+    try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated file, not a torch file, unsafe pickle content, ...
-        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot read checkpoint {path}: {reason}") from e
     if not isinstance(state, dict) or "format_version" not in state:
         raise CheckpointError(f"{path} is not a sashimi checkpoint (no format_version)")
     if state["format_version"] != CHECKPOINT_FORMAT:

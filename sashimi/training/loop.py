@@ -33,7 +33,7 @@ from .checkpoint import (BEST_CHECKPOINT, LAST_CHECKPOINT, CheckpointError, _con
 from .checkpoint import CHECKPOINT_FORMAT, model_from_checkpoint, resolve_checkpoint, rng_state  # noqa: F401 (re-exported)
 from ..data.datasets import make_dataset
 from ..models.autoregressive import PRESETS, ModelConfig, activation_bytes, build_model, count_parameters
-from .runtime import (GlobalBatches, Processes, StopFlag, batch_stream, plot_curves, read_metrics, seed_everything,
+from .runtime import (GlobalBatches, Processes, StopFlag, batch_stream, configure_threads, plot_curves, read_metrics, seed_everything,
                       setup_processes, write_json)
 from .runtime import _ignore_sigint  # noqa: F401 (re-exported)
 from .schedule import LRSchedule
@@ -84,7 +84,7 @@ class TrainConfig:
     # bookkeeping
     seed: int = _opt(0, "seed for initialisation, data order and dropout")
     num_workers: int = _opt(0, "DataLoader worker processes per training process")
-    threads: int | None = _opt(None, "torch threads per process (default: torch's choice; torchrun sets 1)")
+    threads: int | None = _opt(None, "torch threads per process (default: torch's choice; under torchrun cores / local processes)")
     log_every: int = _opt(10, "append training metrics every this many steps")
     val_every: int = _opt(500, "validate every this many steps (and at the end)")
     val_batches: int | None = _opt(None, "validate on at most this many batches (default: the whole split)")
@@ -236,8 +236,7 @@ def _train(cfg: TrainConfig, procs: Processes) -> dict:
                                   f"than preset {cfg.preset!r} with this run's overrides: " + "; ".join(diff))
 
     # ---- model, optimiser, schedule (identical initialisation on every process)
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
+    configure_threads(cfg.threads, procs, log)
     seed_everything(cfg.seed)
     model = build_model(model_config).to(device)
     log(f"sashimi: preset {cfg.preset!r}, {count_parameters(model):,} parameters, "
