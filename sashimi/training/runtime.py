@@ -197,11 +197,30 @@ def write_json(path: str, obj) -> None:
     atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
 
 
-def read_metrics(path: str) -> list[dict]:
+def read_metrics(path: str, warn=None) -> list[dict]:
+    """The records of a metrics.jsonl file ([] if there is none).
+
+    A last line that is not complete JSON (a write cut short by a kill or a full disk) is dropped,
+    with `warn(message)` when given; a bad line before the last raises ValueError naming the file and line.
+    """
     if not os.path.exists(path):
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = [(k + 1, line) for k, line in enumerate(f) if line.strip()]
+    records = []
+    for i, (number, line) in enumerate(lines):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError("not a record with an integer step")
+        except ValueError as e:
+            if i == len(lines) - 1:
+                if warn is not None:
+                    warn(f"warning: dropped the torn last line {number} of {path} (an interrupted write): {line.strip()[:60]!r}")
+                break
+            raise ValueError(f"{path} line {number} is not a metrics record ({e}); fix or remove that line") from e
+        records.append(record)
+    return records
 
 
 def plot_curves(metrics_path: str, png_path: str) -> None:
