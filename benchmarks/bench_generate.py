@@ -6,7 +6,7 @@ jobs' time slices), the flop count per generated sample and the implied GFLOP/s 
 machine's peak. float32, torch.set_num_threads(--threads) for the fused engine (it splits a
 batch over the threads); the eager loop runs on one thread, as sashimi.pipelines.generate runs it.
 
-    python benchmarks/bench_generate.py                 # the issue's three cases
+    python benchmarks/bench_generate.py                 # three cases: sc09-2layer batch 1, sc09 batch 1 and 16
     python benchmarks/bench_generate.py --quick         # fewer steps and repeats
 
 Flops per generated sample: every Linear is a matvec of in x out MACs (2 flops each), weighted
@@ -210,7 +210,7 @@ def main():
     print("\n(samples per CPU-second counts the CPU time of all threads; 'CPUs we got' = wall rate / that;\n"
           " idle-machine estimate = samples per CPU-second x threads the path uses: what the run would give\n"
           " with its threads on otherwise idle cores; GFLOP/s and % of peak use the measured wall rate. On a\n"
-          " shared machine the scheduler gives a session a fair share of the CPUs whatever its thread count,\n"
+          " shared machine the scheduler gives a process group a fair share of the CPUs whatever its thread count,\n"
           " so 'CPUs we got' can stay below 1 for a 2-thread run.)")
     by = {(r[0], r[1], r[2]): r[4] for r in rows}
     idle = {(r[0], r[1], r[2]): r[8] for r in rows}

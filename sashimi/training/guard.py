@@ -1,7 +1,7 @@
 """Finite weights only: an optimiser step that leaves a non-finite parameter is undone, and states are checked.
 
     guard = StepGuard(model.parameters(), optimizer)
-    applied = guard.step()        # optimizer.step(); rolled back (False) if any parameter became inf/NaN
+    applied = guard.step()        # optimizer.step(); undone (False) if any parameter became inf/NaN
 
 A finite loss and gradient can still give non-finite weights (a huge but finite learning rate, an
 overflowing optimiser moment). StepGuard keeps a copy of the parameters and the optimiser's
@@ -38,6 +38,7 @@ class StepGuard:
         self.params = [p for p in params if p.requires_grad]
         self.optimizer = optimizer
         self._saved: dict[int, list[torch.Tensor]] = {}  # id(param) -> [param copy, state tensor copies...]
+        self._had_state: set = set()
 
     def _tensors(self, p) -> list[torch.Tensor]:
         state = self.optimizer.state.get(p, {})
@@ -74,10 +75,15 @@ class StepGuard:
         return bool(flags.all())
 
     def step(self) -> bool:
-        """Run optimizer.step(); return True if every parameter is finite after it, else undo it and return False."""
-        had_state = self._snapshot()
+        """Run optimizer.step(); True if every parameter is finite after it, else undo it and return False."""
+        self._had_state = self._snapshot()
         self.optimizer.step()
         if self.finite():
             return True
-        self._restore(had_state)
+        self.undo()
         return False
+
+    def undo(self) -> None:
+        """Restore the parameters and optimiser state from before the last step() (e.g. when another process
+        of the group had to undo its step)."""
+        self._restore(self._had_state)

@@ -12,6 +12,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -95,8 +96,8 @@ def test_overwrite_moves_the_old_run_aside(tmp_path):
     assert len(aside) == 1
     for name, content in old.items():
         assert open(os.path.join(aside[0], name), "rb").read() == content
-    steps = [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")]
-    assert steps == sorted(steps) and len(steps) == len(set(steps))  # no duplicates appended
+    records = [(r["step"], "val_bits" in r) for r in map(json.loads, open(tmp_path / "metrics.jsonl"))]
+    assert records == [(1, False), (2, False), (2, True)]  # the new run's records only, no duplicates
 
 
 def test_resume_in_an_empty_directory_starts_a_run(tmp_path):
@@ -178,15 +179,40 @@ def test_non_finite_hyperparameters_are_rejected(tmp_path, field, value):
         small(tmp_path, **{field: value}).check()
 
 
-def test_a_step_leaving_non_finite_weights_is_rolled_back_and_never_saved(tmp_path):
-    """lr 1e39 is finite, but the first AdamW update overflows float32: the step is undone and counted."""
-    with pytest.raises(NonFiniteLossError, match="non-finite"):
-        train(small(tmp_path, lr=1e39, warmup_steps=0, max_steps=6, ckpt_every=1, max_nonfinite=3))
+def poison_updates(monkeypatch, steps):
+    """After AdamW's update number k (0-based) for k in steps, one weight becomes NaN (as an overflowing update
+    would make it): finite loss and gradient, non-finite weights."""
+    original, calls = torch.optim.AdamW.step, []
+
+    def step(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        if len(calls) in steps:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].view(-1)[0] = float("nan")
+        calls.append(1)
+        return out
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+
+
+def test_a_step_leaving_non_finite_weights_is_undone_and_counted(tmp_path, monkeypatch):
+    reference = train(small(tmp_path / "reference", max_steps=4, ckpt_every=1))
+    poison_updates(monkeypatch, {2})
+    result = train(small(tmp_path / "run", max_steps=4, ckpt_every=1))
+    assert result["status"] == "finished" and result["nonfinite_steps"] == 1 == reference["nonfinite_steps"] + 1
+    records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl") if "train_bits" in line]
+    assert [r["nonfinite_steps"] for r in records] == [0, 0, 1, 1]
+    for path in glob.glob(str(tmp_path / "run" / "*.pt")):
+        assert finite(load_checkpoint(path)["model"]), path
+
+
+def test_non_finite_weights_are_never_saved_and_stop_the_run(tmp_path, monkeypatch):
+    poison_updates(monkeypatch, set(range(2, 100)))
+    with pytest.raises(NonFiniteLossError, match="3 consecutive steps.*weights"):
+        train(small(tmp_path, max_steps=20, ckpt_every=1, max_nonfinite=3))
+    state = load_checkpoint(str(tmp_path / "last.pt"))
+    assert state["step"] == 2 and finite(state["model"])
     for path in glob.glob(str(tmp_path / "*.pt")):
-        state = load_checkpoint(path)
-        assert finite(state["model"]), path
-    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
-    assert records[-1]["nonfinite_steps"] >= 1
+        assert finite(load_checkpoint(path)["model"]), path
 
 
 def test_checkpoint_writer_refuses_non_finite_weights(tmp_path):
@@ -210,21 +236,19 @@ def test_out_inside_a_file_is_one_line_before_training(tmp_path, capsys):
 
 
 def test_read_only_out_is_one_line_before_training(tmp_path, capsys, monkeypatch):
-    real_mkstemp = checkpoint_module.tempfile.mkstemp
-
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system")
-    monkeypatch.setattr(checkpoint_module.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
     assert main(["train", *flags(small(tmp_path / "run", max_steps=1))]) == 1
+    monkeypatch.undo()
     one_line_error(capsys.readouterr().err, str(tmp_path / "run"), "Read-only")
-    monkeypatch.setattr(checkpoint_module.tempfile, "mkstemp", real_mkstemp)
 
 
 def test_eval_json_to_a_directory_fails_before_evaluating(tmp_path, capsys, monkeypatch):
     train(small(tmp_path / "run", max_steps=1))
     import sashimi.training.evaluate as evaluate_module
 
-    monkeypatch.setattr(evaluate_module, "make_dataset", lambda *a, **k: pytest.fail("evaluated before checking"))
+    monkeypatch.setattr(evaluate_module, "load_checkpoint", lambda *a, **k: pytest.fail("evaluated before checking"))
     assert main(["eval", "--ckpt", str(tmp_path / "run"), "--json", str(tmp_path), "--no-progress"]) == 1
     err = capsys.readouterr().err
     one_line_error(err, str(tmp_path), "--json")
@@ -265,8 +289,8 @@ def test_torn_metrics_line_is_dropped_with_a_warning_and_resume_works(tmp_path, 
     assert result["step"] == 3
     out = capsys.readouterr()
     assert "metrics.jsonl" in out.out + out.err and "dropped" in out.out + out.err
-    steps = [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")]
-    assert steps == [1, 2, 3]
+    records = [(r["step"], "val_bits" in r) for r in map(json.loads, open(tmp_path / "metrics.jsonl"))]
+    assert records == [(1, False), (2, False), (2, True), (3, False), (3, True)]
 
 
 def test_stale_temporary_files_are_removed_on_the_next_start(tmp_path):
