@@ -61,8 +61,7 @@ def test_symlink_loops_never_leak_between_splits(tmp_path):
         warnings.simplefilter("ignore")
         for split in ("train", "val", "test"):
             try:
-                ds = AudioFolderDataset(tmp_path, split, sample_rate=SR, sample_len=SR // 4, quantizer=None,
-                                        waveform=True)
+                ds = AudioFolderDataset(tmp_path, split, sample_rate=SR, sample_len=SR // 4, quantizer=None)
             except ValueError:  # an empty split is allowed
                 continue
             for f in ds.files:
@@ -140,8 +139,8 @@ def test_lengths_are_checked(lengths, error, match):
 @pytest.mark.parametrize("override, match", [
     (dict(hurwitz="no"), "hurwitz must be True or False"),
     (dict(unet=1), "unet must be True or False"),
-    (dict(ssm_lr=-1), "ssm_lr must be a finite learning rate"),
-    (dict(ssm_lr=float("inf")), "ssm_lr must be a finite learning rate"),
+    (dict(ssm_lr=-1), "ssm_lr must be a finite number >= 0"),
+    (dict(ssm_lr=float("inf")), "ssm_lr must be a finite number >= 0"),
     (dict(dropout=float("nan")), "dropout"),
     (dict(dt_min=float("nan")), "dt_min"),
 ])
@@ -163,7 +162,7 @@ def test_large_d_state_warns_and_documented_size_does_not():
 
 def test_demo_refuses_bad_n_before_training(tmp_path, capsys):
     assert main(["demo", "--n", "0", "--out", str(tmp_path / "demo"), "--no-progress"]) == 1
-    assert "--n must be >= 1" in capsys.readouterr().err
+    assert "n must be an int >= 1" in capsys.readouterr().err
     assert not (tmp_path / "demo").exists()  # nothing trained, nothing written
 
 
