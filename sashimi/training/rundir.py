@@ -24,8 +24,8 @@ __all__ = ["RUN_ARTEFACTS", "run_artefacts", "prepare_run_dir", "move_aside", "r
 
 # files a training run writes at the top of its directory (checkpoints: any *.pt)
 RUN_ARTEFACTS = ("config.json", "metrics.jsonl", "curves.png")
-# atomic_write's temporary names: "." + target name + "." + random + ".tmp"
-_TEMPORARY = re.compile(r"^\.(last\.pt|best\.pt|config\.json|metrics\.jsonl|curves\.png|[^/]+\.pt)\.[^/]+\.tmp$")
+# atomic_write's temporary names: "." + target name + "." + random + ".tmp" (and check_writable_dir's probe files)
+_TEMPORARY = re.compile(r"^\.(config\.json|metrics\.jsonl|curves\.png|[^/]+\.pt|write-test)\.[^/]+\.tmp$")
 
 
 class OutputPathError(OSError):

@@ -330,8 +330,11 @@ def test_kill_loop_never_loses_progress(tmp_path):
         deadline = time.time() + 240
         while proc.poll() is None and time.time() < deadline:
             lines = open(run / "metrics.jsonl").read().splitlines() if (run / "metrics.jsonl").exists() else []
-            if lines and json.loads(lines[-1])["step"] > progress:
-                break
+            try:
+                if lines and json.loads(lines[-1])["step"] > progress:
+                    break
+            except ValueError:  # read while the line was being appended
+                pass
             time.sleep(0.02)
         time.sleep(rng.uniform(0.0, 2.0))
         sig = rng.choice([signal.SIGKILL, signal.SIGTERM])
