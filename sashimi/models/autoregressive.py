@@ -314,7 +314,8 @@ def describe(model: nn.Module) -> str:
         backbone = count_parameters(model.backbone)
         return (f"WaveformAR '{c.name}': {total:,} parameters ({total / 1e6:.2f}M; backbone {backbone:,}) | "
                 f"d_model={c.d_model} n_layers={c.n_layers} pool={list(c.pool)} expand={c.expand} ff={c.ff} "
-                f"mode={c.mode} d_state={c.d_state}{' unet' if c.unet else ''} | "
+                f"mode={c.mode} d_state={c.d_state}{' unet' if c.unet else ''}"
+                f"{'' if c.block_norm == 'layer' else ' block_norm=' + c.block_norm} | "
                 f"{c.sample_rate} Hz, {c.sample_len} samples, {c.bits}-bit {c.quantization}")
     return f"{type(model).__name__}: {total:,} parameters ({total / 1e6:.2f}M)"
 

@@ -274,7 +274,7 @@ def _convert_backbone(state: dict, prefix: str) -> tuple[dict, dict]:
 
 def _s4_settings(converted: dict, arch: dict) -> dict:
     """d_state, mode, rank, n_ssm of the S4 layers (the same in every block), from the kernel shapes."""
-    settings = set()
+    settings, sizes = set(), []
     for key, value in converted.items():
         if not key.endswith("layer.layer.kernel.A_real"):
             continue
@@ -292,12 +292,18 @@ def _s4_settings(converted: dict, arch: dict) -> dict:
         if out_linear is None or out_linear.shape[0] != 2 * width:
             raise StateSpacesImportError(f"{base[:-len('layer.kernel.')]}: expected the GLU output linear "
                                          "(final_act='glu') of the S4 block")
-        settings.add((2 * n, "dplr" if P is not None else "diag", P.shape[0] if P is not None else None,
-                      "per-channel" if n_ssm == width else n_ssm))
+        settings.add((2 * n, "dplr" if P is not None else "diag", P.shape[0] if P is not None else None))
+        sizes.append((n_ssm, width))
     if len(settings) != 1:
-        raise StateSpacesImportError(f"S4 layers with different settings (d_state, mode, rank, n_ssm): {sorted(settings)}")
-    d_state, mode, rank, n_ssm = settings.pop()
-    out = {"d_state": d_state, "mode": mode, "n_ssm": None if n_ssm == "per-channel" else n_ssm}
+        raise StateSpacesImportError(f"S4 layers with different settings (d_state, mode, rank): {sorted(settings)}")
+    d_state, mode, rank = settings.pop()
+    if all(n_ssm == width for n_ssm, width in sizes):
+        n_ssm = None  # every channel its own (A, B), the reference's n_ssm=None
+    elif len({n_ssm for n_ssm, _ in sizes}) == 1:
+        n_ssm = sizes[0][0]
+    else:
+        raise StateSpacesImportError(f"S4 layers with different numbers of SSMs {sorted(set(sizes))} (n_ssm, width)")
+    out = {"d_state": d_state, "mode": mode, "n_ssm": n_ssm}
     if rank not in (None, 1):
         raise StateSpacesImportError(f"low-rank term of rank {rank}: sashimi's S4 layers use rank 1")
     return out

@@ -70,6 +70,7 @@ __all__ = ["FastPathUnavailable", "FastStepper", "fast_path_status", "engine_sam
 _NAME = "sashimi_step_cpu"
 _SOURCES = ("sashimi_step_cpu.cpp",)
 _EXTRA_CFLAGS = ("-ffp-contract=fast",)  # fused multiply-adds in the vector loops
+native_build.declare(_NAME, _SOURCES, _EXTRA_CFLAGS, label="fused step engine")  # listed by `s4lib info`
 _VECTOR = 16  # floats per vector in the engine (activations are padded to a multiple)
 _MAX_RANK = 4
 _DIAG, _DPLR = 0, 1
@@ -83,7 +84,7 @@ def _load():
     try:
         return native_build.load_module(_NAME, _SOURCES, extra_cflags=_EXTRA_CFLAGS)
     except RuntimeError as e:
-        raise FastPathUnavailable(f"fused step engine unavailable: {e}") from e
+        raise FastPathUnavailable(str(e)) from e  # one line: "fused step engine ...: why; full log: ..."
 
 
 # ----------------------------------------------------------------------------------- support checks
@@ -168,7 +169,8 @@ def _all_blocks(backbone):
 def fast_path_status(model=None) -> tuple[bool, str]:
     """(usable, reason): can the fused engine be built here (and serve `model`, if given)?
 
-    Does not compile anything; a build failure is only known after the first FastStepper.
+    Does not compile anything: a build that failed before (in any process, with the same
+    torch, compiler, flags and sources) is reported as failed; one not tried yet as usable.
     """
     if model is not None:
         reason = unsupported_reason(model)

@@ -206,8 +206,7 @@ class Generator:
         if self.stepper is None and self.fast is True:
             raise RuntimeError(f"the fast generation path is unavailable: {self.fast_reason}")
         if self.stepper is None and self.fast == "auto":
-            warnings.warn(f"fast generation path unavailable, using the eager step loop: {self.fast_reason}",
-                          FastPathWarning, stacklevel=3)
+            warnings.warn(f"sashimi: using the eager step loop: {self.fast_reason}", FastPathWarning, stacklevel=3)
 
     @property
     def path(self) -> str:

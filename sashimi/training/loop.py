@@ -488,7 +488,8 @@ def _loop(run: Run) -> dict:
     budget = cfg.max_seconds
     run.t_start, run.lr_now, status = time.time(), cfg.lr, "finished"
     consecutive_nonfinite, window, step_seconds, pause_seconds = 0, Window(), 0.0, 0.0
-    bar = progress(total=cfg.max_steps, initial=position.step, desc="train", disable=not (procs.is_main and cfg.progress))
+    desc = "train" if budget is None else f"train (budget {cfg.max_time})"
+    bar = progress(total=cfg.max_steps, initial=position.step, desc=desc, disable=not (procs.is_main and cfg.progress))
     run.step_module.train()
     with StopFlag() as stop:
         while position.step < cfg.max_steps:

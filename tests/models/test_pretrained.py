@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 import sashimi
 from sashimi.models.autoregressive import PRESETS, WaveformAR
@@ -208,3 +209,24 @@ def test_overrides_and_saving_again(saved, tmp_path):
     assert sashimi.from_pretrained(folder).config.backend is None
     with pytest.raises(PretrainedError, match=r"describes with the overrides \{'d_model': 16\}: \d+ shape"):
         sashimi.from_pretrained(saved, d_model=16)
+
+
+@settings(max_examples=8, deadline=None)
+@given(d_model=st.sampled_from([4, 8]), n_layers=st.integers(0, 2), pool=st.sampled_from([(2,), (2, 2), (4, 2)]),
+       expand=st.integers(1, 2), ff=st.integers(0, 2), mode=st.sampled_from(["dplr", "diag"]), unet=st.booleans(),
+       bits=st.sampled_from([4, 8]), block_norm=st.sampled_from(["layer", "scalar"]), seed=st.integers(0, 2**16))
+def test_round_trip_over_architectures(tmp_path_factory, d_model, n_layers, pool, expand, ff, mode, unet, bits,
+                                       block_norm, seed):
+    torch.manual_seed(seed)
+    config = sashimi.ModelConfig(d_model=d_model, n_layers=n_layers, pool=pool, expand=expand, ff=ff, mode=mode,
+                                 unet=unet, bits=bits, block_norm=block_norm, d_state=4, sample_len=16,
+                                 init="dplr-random" if mode == "dplr" else None, backend=BACKEND)
+    model = sashimi.build_model(config).eval()
+    tokens = torch.randint(0, 2**bits, (1, 16))
+    with torch.no_grad():
+        expected = model(tokens)
+    folder = model.save_pretrained(str(tmp_path_factory.mktemp("arch") / "m"))
+    loaded = sashimi.from_pretrained(folder)
+    assert loaded.config == config
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens), expected)

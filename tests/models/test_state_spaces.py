@@ -16,6 +16,7 @@ import textwrap
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 import torch.nn.functional as F
 
 import sashimi
@@ -241,7 +242,7 @@ def test_v3_names():
 
 REFERENCE_SCRIPT = textwrap.dedent("""
     import sys, types, torch
-    root, out, unet = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+    root, out, unet, mode = sys.argv[1], sys.argv[2], sys.argv[3] == "1", sys.argv[4]
     sys.path.insert(0, root)
     # the standalone S4 file imports one decorator from pytorch_lightning
     pl, ut = types.ModuleType("pytorch_lightning"), types.ModuleType("pytorch_lightning.utilities")
@@ -251,7 +252,7 @@ REFERENCE_SCRIPT = textwrap.dedent("""
     sys.modules["pykeops"] = None  # its naive (CPU) Cauchy kernel, not KeOps' GPU one
     from models.sashimi.sashimi import Sashimi
     torch.manual_seed(0)
-    m = Sashimi(d_model=8, n_layers=2, pool=[4, 2], expand=2, ff=2, unet=unet).eval()
+    m = Sashimi(d_model=8, n_layers=2, pool=[4, 2], expand=2, ff=2, unet=unet, mode=mode).eval()
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in m.named_parameters():
@@ -285,14 +286,16 @@ def run_reference(script, *args):
         pytest.fail(f"the reference's code did not run:\n{run.stderr[-2000:]}")
 
 
-@pytest.mark.parametrize("unet", [False, True])
-def test_the_reference_standalone_sashimi_itself(tmp_path, unet):
+@pytest.mark.parametrize("unet, mode", [(False, "dplr"), (True, "dplr"), (False, "diag")])
+def test_the_reference_standalone_sashimi_itself(tmp_path, unet, mode):
     root = reference_checkout(tmp_path, ["models/s4/s4.py", "models/sashimi/sashimi.py"])
     out = tmp_path / "fixture.pt"
-    run_reference(REFERENCE_SCRIPT, root, out, "1" if unet else "0")
+    run_reference(REFERENCE_SCRIPT, root, out, "1" if unet else "0", mode)
     fixture = torch.load(out, weights_only=True)
     model = from_state_spaces(fixture["state_dict"], backend=BACKEND)
     assert model.unet == unet and model.d_model == 8 and model.pool == (4, 2)
+    from s4lib.fftconv import FFTConv
+    assert {m.mode for m in model.modules() if isinstance(m, FFTConv)} == {mode}
     with torch.no_grad():
         y = model(fixture["x"])
     print(f"max |ours - reference| = {(y - fixture['y']).abs().max().item():.2e} (|y| <= {fixture['y'].abs().max():.2f})")
@@ -408,3 +411,27 @@ def test_errors(tmp_path):
     bad_shape["model.c_layers.0.layer.layer.D"] = torch.zeros(1, 3)
     with pytest.raises(ValueError, match=r"layer\.layer\.D has shape \(1, 3\)"):
         from_state_spaces(bad_shape)
+
+
+@settings(max_examples=8, deadline=None)
+@given(d_model=st.sampled_from([4, 8]), n_layers=st.integers(1, 2), pool=st.sampled_from([(2,), (2, 2), (4, 2)]),
+       expand=st.integers(1, 2), ff=st.integers(0, 2), mode=st.sampled_from(["dplr", "diag"]),
+       n_ssm=st.sampled_from([None, 1, 2]), block_norm=st.sampled_from(["layer", "scalar"]),
+       dt_transform=st.sampled_from(["exp", "softplus"]), seed=st.integers(0, 2**16))
+def test_training_code_layout_over_architectures(d_model, n_layers, pool, expand, ff, mode, n_ssm, block_norm,
+                                                 dt_transform, seed):
+    torch.manual_seed(seed)
+    config = ModelConfig(d_model=d_model, n_layers=n_layers, pool=pool, expand=expand, ff=ff, mode=mode, n_ssm=n_ssm,
+                         block_norm=block_norm, d_state=4, sample_len=16, backend=BACKEND,
+                         init="dplr-random" if mode == "dplr" else None)
+    ours = perturb(WaveformAR(config), seed).eval()
+    tokens = torch.randint(0, 256, (1, 16))
+    with torch.no_grad():
+        expected = ours(tokens)
+    model = from_state_spaces(lightning_state_dict(ours, dt_transform), dt_transform=dt_transform, backend=BACKEND,
+                              sample_len=16)
+    c = model.config
+    assert (c.d_model, c.n_layers, c.pool, c.expand, c.ff, c.mode, c.n_ssm, c.block_norm) == \
+        (d_model, n_layers, pool, expand, ff, mode, n_ssm, block_norm)
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), expected, rtol=1e-5, atol=1e-5)
