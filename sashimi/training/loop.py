@@ -45,8 +45,8 @@ from .ema import update_ema
 from .evaluate import sum_metrics
 from .guard import StepGuard
 from .rundir import prepare_run_dir
-from .runtime import (GlobalBatches, Processes, StopFlag, batch_stream, configure_threads, plot_curves, read_metrics, seed_everything,
-                      setup_processes)
+from .runtime import (GlobalBatches, Processes, StopFlag, batch_stream, configure_threads, plot_curves, read_metrics,
+                      seed_everything, setup_processes)
 from .schedule import LRSchedule
 
 __all__ = ["TrainConfig", "train", "NonFiniteLossError", "parse_duration"]
@@ -116,7 +116,8 @@ class TrainConfig:
     ckpt_every: int = _opt(500, "write last.pt every this many steps (and at the end)")
     resume: bool = _opt(False, "continue from RUN_DIR/last.pt (in a directory without a run: start one)")
     overwrite: bool = _opt(False, "start over in a directory that holds a run: its files move to "
-                                  "RUN_DIR/replaced-<time>/ (never deleted); with --resume only when there is no last.pt")
+                                  "RUN_DIR/replaced-<time>/ (never deleted); with --resume only when there is "
+                                  "no last.pt")
     progress: bool = _opt(True, "show progress (a bar on a terminal, a line every few seconds otherwise)")
 
     def check(self) -> None:
@@ -519,8 +520,8 @@ def _loop(run: Run) -> dict:
                 bar.close()
                 raise NonFiniteLossError(
                     f"stopped at step {position.step}: {consecutive_nonfinite} consecutive steps had a non-finite "
-                    f"loss, gradient or updated weights (lower --lr, raise --warmup-steps, or check the data). The last good "
-                    f"checkpoint {run.last_path} was left as it was.")
+                    f"loss, gradient or updated weights (lower --lr, raise --warmup-steps, or check the data). "
+                    f"The last good checkpoint {run.last_path} was left as it was.")
             step_seconds = time.time() - t_step
 
             # out of time? (the same decision on every process: rank 0's clock decides)

@@ -212,7 +212,8 @@ def read_metrics(path: str, warn=None) -> list[dict]:
         except ValueError as e:
             if i == len(lines) - 1:
                 if warn is not None:
-                    warn(f"warning: dropped the torn last line {number} of {path} (an interrupted write): {line.strip()[:60]!r}")
+                    warn(f"warning: dropped the torn last line {number} of {path} (an interrupted write): "
+                         f"{line.strip()[:60]!r}")
                 break
             raise ValueError(f"{path} line {number} is not a metrics record ({e}); fix or remove that line") from e
         records.append(record)
