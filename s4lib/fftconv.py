@@ -7,6 +7,8 @@ transposed=True, dropout=0.0, mode='dplr'|'diag', **kernel_args).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -155,6 +157,8 @@ def fft_conv(u: torch.Tensor, K: torch.Tensor, n: int, D: torch.Tensor | None = 
     dtype = torch.promote_types(torch.promote_types(u.dtype, K.dtype), torch.float32)
     u, K = u.to(dtype), K.to(dtype)
     D = D.to(dtype) if D is not None else None
+    if u.shape[0] == 0:  # an empty batch: an empty (0, C, H, L) result, still connected to K and D for autograd
+        return u.unsqueeze(1) * (K[..., :1] + (D.unsqueeze(-1) if D is not None else 0))
     return _FFTConv.apply(u, K, D, n)
 
 
@@ -172,6 +176,24 @@ def check_input(x: torch.Tensor, d_model: int, transposed: bool, name: str = "x"
                          f"(channel axis has {H}, expected {d_model}; transposed={transposed})")
     if x.shape[-1 if transposed else 1] < 1:
         raise ValueError(f"{name} must have length >= 1, got shape {tuple(x.shape)}")
+
+
+# d_state above this warns: building an S4 (DPLR) kernel costs O(N^3) (N=1024: ~5 s per layer on one core,
+# N=4096: minutes), and the kernel O(H N L) per forward
+D_STATE_WARN = 512
+
+
+def check_step_args(x: torch.Tensor, state, d_model: int, kernel) -> None:
+    """step(x, state) arguments: x (B, d_model) floating point, state as made by default_state(B)."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"step input must be a floating-point tensor of shape (batch, d_model={d_model}), "
+                        f"got {getattr(x, 'dtype', type(x).__name__)}")
+    if x.dim() != 2 or x.shape[-1] != d_model:
+        raise ValueError(f"step input must have shape (batch, d_model={d_model}), got {tuple(x.shape)}")
+    if state is None:
+        raise TypeError(f"step needs a state: start from default_state({x.shape[0]}) (shape "
+                        f"({x.shape[0]}, {kernel.H}, {kernel.n}) complex), then pass the state step returned")
+    kernel._check_state(state, (x.shape[0],))
 
 
 class FFTConv(nn.Module):
@@ -199,6 +221,11 @@ class FFTConv(nn.Module):
         self.activation = activation_module(activation, dim=1 if transposed else -1)
         if activation == "glu" and channels % 2:
             raise ValueError("activation='glu' halves the channels: use an even number of channels")
+        d_state = kernel_args.get("d_state", 64)
+        if isinstance(d_state, int) and d_state > D_STATE_WARN:
+            warnings.warn(f"d_state={d_state} is above {D_STATE_WARN}: building each S4 layer costs O(d_state^3) "
+                          f"(d_state=1024 takes seconds per layer, 4096 minutes) and every forward "
+                          f"O(d_model * d_state * length)", stacklevel=3)
         self.D = nn.Parameter(torch.randn(channels, d_model))
         kernel_channels = 2 * channels if bidirectional else channels
         if KERNELS[mode] is SSMKernelDPLR:
@@ -256,8 +283,7 @@ class FFTConv(nn.Module):
         """x (B, H) -> y (B, channels*H), next state."""
         if not hasattr(self.kernel, "_step"):
             raise RuntimeError("call setup_step() before step()")
-        if x.dim() != 2 or x.shape[-1] != self.d_model:
-            raise ValueError(f"step input must have shape (batch, d_model={self.d_model}), got {tuple(x.shape)}")
+        check_step_args(x, state, self.d_model, self.kernel)
         y, state = self.kernel.step(x, state)  # (B, C, H)
         y = y + x.unsqueeze(1) * self.D
         y = y.reshape(x.shape[0], -1)

@@ -54,24 +54,52 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                             metavar=f.name.upper())
 
 
+def _os_message(e: BaseException) -> str:
+    """One line for an error; an OSError names its file (if it has one) and its reason without '[Errno n]'."""
+    if isinstance(e, OSError) and e.strerror:
+        where = f"{e.filename}: " if e.filename else ""
+        return where + e.strerror.strip().splitlines()[0]
+    return _one_line(e)
+
+
+def _saved_train_config(out: str) -> dict:
+    """The training settings a run directory's config.json recorded ({} if there is none), minus the one-off
+    flags (resume, overwrite); ValueError naming the file when it cannot be read."""
+    path = os.path.join(out, "config.json")
+    if not os.path.exists(path):
+        return {}
+    problem = None
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except OSError as e:
+        problem = e.strerror or type(e).__name__
+    except ValueError as e:  # empty, truncated or not JSON
+        problem = f"not valid JSON: {str(e).splitlines()[0]}"
+    else:
+        base = saved.get("train") if isinstance(saved, dict) else None
+        if not isinstance(base, dict):
+            problem = "no 'train' settings in it"
+    if problem is not None:
+        raise ValueError(f"cannot read the run's settings from {path} ({problem}); restore or remove that file "
+                         f"(resuming then uses only the flags given, so give every flag of the run)")
+    return {k: v for k, v in base.items() if k not in ("resume", "overwrite")}
+
+
 def run_train(args: argparse.Namespace) -> int:
     from .training.checkpoint import CheckpointError
     from .training.loop import NonFiniteLossError, TrainConfig, train
 
     given = {k: v for k, v in vars(args).items() if k not in ("command", "func")}
     # --resume starts from the run's saved configuration; flags given now override it
-    base = {}
-    saved = os.path.join(given.get("out", TrainConfig.out), "config.json")
-    if given.get("resume") and os.path.exists(saved):
-        with open(saved) as f:
-            base = json.load(f)["train"]
     try:
+        base = _saved_train_config(given.get("out", TrainConfig.out)) if given.get("resume") else {}
         cfg = TrainConfig.from_dict({**base, **given})
         result = train(cfg)
-    except (ValueError, FileExistsError, FileNotFoundError, NonFiniteLossError) as e:
-        # user-caused problems (flags, data, checkpoints, divergence): a message, not a traceback
+    except (ValueError, OSError, NonFiniteLossError) as e:
+        # user-caused problems (flags, data, checkpoints, files, divergence): one line, not a traceback
         kind = "error" if not isinstance(e, CheckpointError) else "checkpoint error"
-        print(f"sashimi train: {kind}: {e}", file=sys.stderr)
+        print(f"sashimi train: {kind}: {_os_message(e)}", file=sys.stderr)
         return 1
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
         return 0
@@ -103,12 +131,16 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     from .training.evaluate import evaluate
 
+    from .training.rundir import check_output_file
+
     try:
+        if args.json is not None:  # before the evaluation, not after it
+            check_output_file(args.json, "--json")
         evaluate(args.ckpt, args.data, split=args.split, batch_size=args.batch_size, json_path=args.json,
                  use_ema=args.use_ema, preset=args.preset, n_items=args.n_items, num_workers=args.num_workers,
                  progress=args.progress)
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
-        print(f"sashimi eval: error: {e}", file=sys.stderr)
+    except (ValueError, OSError, FloatingPointError) as e:
+        print(f"sashimi eval: error: {_os_message(e)}", file=sys.stderr)
         return 1
     return 0
 
