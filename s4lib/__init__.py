@@ -9,7 +9,8 @@ Public API: S4Block, FFTConv, the SSM kernels SSMKernelDPLR (S4) and SSMKernelDi
 from .block import S4Block
 from .fftconv import FFTConv
 from .optim import param_groups
-from .ssm import SSMKernelDiag, SSMKernelDPLR
+from .ssm_diag import SSMKernelDiag
+from .ssm_dplr import SSMKernelDPLR
 
 __version__ = "0.1.0"
 

@@ -11,7 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .ssm import SSMKernelDiag, SSMKernelDPLR
+from .ssm_diag import SSMKernelDiag
+from .ssm_dplr import SSMKernelDPLR
 
 KERNELS = {"dplr": SSMKernelDPLR, "s4": SSMKernelDPLR, "nplr": SSMKernelDPLR,
            "diag": SSMKernelDiag, "s4d": SSMKernelDiag}

@@ -59,7 +59,7 @@ import torch.nn as nn
 from s4lib.block import S4Block
 from s4lib.fftconv import FFTConv
 from s4lib.ops import native_build
-from s4lib.ssm import SSMKernelDiag, SSMKernelDPLR
+from s4lib import SSMKernelDiag, SSMKernelDPLR
 
 from .backbone import FFBlock, ResidualBlock
 from .model import WaveformAR
