@@ -3,7 +3,8 @@
 `FastStepper(model, batch_size)` exports a WaveformAR's step parameters (after
 `model.setup_step()`) into the engine in kernels/sashimi_step_cpu.cpp, which holds the recurrent
 state and runs embedding -> SaShiMi step (each level only on the steps where it fires) ->
-LayerNorm -> head on raw float32 arrays. The eager `model.step` stays the oracle: the engine
+LayerNorm -> head on raw float32 arrays; its S4 layers run s4lib's fused layer step
+(kernels/s4_layer_step.h, packed by s4lib.fused_step.pack_ssm). The eager `model.step` stays the oracle: the engine
 follows it to float32 round-off, and its state converts to and from `model.default_state`'s
 format, so a prompt read by `model.prefill` continues in the engine and the engine's state
 continues in eager mode. When the engine cannot serve a model (no compiler, failed build, a
@@ -58,6 +59,7 @@ import torch.nn as nn
 
 from s4lib.block import S4Block
 from s4lib.fftconv import FFTConv
+from s4lib import fused_step as s4_fused
 from s4lib.ops import native_build
 from s4lib import SSMKernelDiag, SSMKernelDPLR
 
@@ -68,10 +70,8 @@ __all__ = ["FastPathUnavailable", "FastStepper", "fast_path_status", "sample"]
 
 _NAME = "sashimi_step_cpu"
 _SOURCES = ("sashimi_step_cpu.cpp",)
-_EXTRA_CFLAGS = ("-ffp-contract=fast",)  # fused multiply-adds in the vector loops
+_HEADERS = ("step_simd.h", "s4_layer_step.h", "sashimi_sampling.h")
 _VECTOR = 16  # floats per vector in the engine (activations are padded to a multiple)
-_MAX_RANK = 4
-_DIAG, _DPLR = 0, 1
 
 
 class FastPathUnavailable(RuntimeError):
@@ -80,7 +80,7 @@ class FastPathUnavailable(RuntimeError):
 
 def _load():
     try:
-        return native_build.load_module(_NAME, _SOURCES, extra_cflags=_EXTRA_CFLAGS)
+        return native_build.load_module(_NAME, _SOURCES, extra_cflags=s4_fused.extra_cflags(_HEADERS))
     except RuntimeError as e:
         raise FastPathUnavailable(f"fused step engine unavailable: {e}") from e
 
@@ -113,8 +113,8 @@ def _check_s4(block: S4Block, where: str) -> str | None:
     if isinstance(kernel, SSMKernelDPLR):
         if kernel._step.get("mode") != "linear":
             return f"{where}: S4 step mode {kernel._step.get('mode')!r}; the fused engine needs setup_step(mode='linear')"
-        if kernel.rank > _MAX_RANK:
-            return f"{where}: DPLR rank {kernel.rank} > {_MAX_RANK} is not implemented"
+        if kernel.rank > s4_fused.MAX_RANK:
+            return f"{where}: DPLR rank {kernel.rank} > {s4_fused.MAX_RANK} is not implemented"
     elif not isinstance(kernel, SSMKernelDiag):
         return f"{where}: unknown SSM kernel {type(kernel).__name__}"
     return None
@@ -173,7 +173,7 @@ def fast_path_status(model=None) -> tuple[bool, str]:
         reason = unsupported_reason(model)
         if reason:
             return False, reason
-    return native_build.module_status(_NAME, _SOURCES, _EXTRA_CFLAGS)
+    return native_build.module_status(_NAME, _SOURCES, s4_fused.extra_cflags(_HEADERS))
 
 
 # ------------------------------------------------------------------------------------------- packing
@@ -189,72 +189,7 @@ def _pad_vector(t, width: int, fill: float = 0.0) -> torch.Tensor:
     return out
 
 
-def _pack_linear(linear: nn.Linear, in_groups: int = 1, out_groups: int = 1):
-    """(packed weight (OUT/16, IN, 16), bias (OUT,)) with features padded per group of channels.
-
-    Input features are `in_groups` groups of in/in_groups channels, each padded to a multiple of
-    16 (the engine's activation layout); likewise the outputs. Padding rows and columns are zero.
-    """
-    W = linear.weight.detach().to(torch.float32)
-    out_features, in_features = W.shape
-    hi, ho = in_features // in_groups, out_features // out_groups
-    padded = torch.zeros(out_groups, _pad(ho), in_groups, _pad(hi))
-    padded[:, :ho, :, :hi] = W.reshape(out_groups, ho, in_groups, hi)
-    OUT, IN = out_groups * _pad(ho), in_groups * _pad(hi)
-    bias = torch.zeros(out_groups, _pad(ho))
-    if linear.bias is not None:
-        bias[:, :ho] = linear.bias.detach().to(torch.float32).reshape(out_groups, ho)
-    packed = padded.reshape(OUT // _VECTOR, _VECTOR, IN).transpose(1, 2).contiguous()
-    return packed, bias.reshape(-1).contiguous()
-
-
-def _tiles(rows: torch.Tensor, Hp: int) -> torch.Tensor:
-    """(count, H, *rest) real -> (Hp / 16, *rest, count, 16): channels padded and cut into tiles of 16."""
-    count, H = rows.shape[:2]
-    padded = torch.zeros(count, Hp, *rows.shape[2:], dtype=torch.float64)
-    padded[:, :H] = rows
-    tiled = padded.reshape(count, Hp // _VECTOR, _VECTOR, *rows.shape[2:])  # (count, T, 16, *rest)
-    order = [1] + list(range(3, tiled.dim())) + [0, 2]
-    return tiled.permute(*order).to(torch.float32).contiguous()
-
-
-def _re_im(*tensors):
-    """Complex (H, n) tensors -> their real and imaginary parts, in order."""
-    return [part for t in tensors for part in (t.real, t.imag)]
-
-
-def _ssm_tensors(kernel, H: int, Hp: int, D: torch.Tensor):
-    """(kind, rank, ssm (T, n, planes, 16), chan (T, chans, 16)) in the engine's layout.
-
-    The layout and the rearranged DPLR step (FE, FdtB, G, QFE, K1, K2) are described in
-    kernels/sashimi_step_cpu.cpp (`enum Kind`); the products are formed in complex128.
-    """
-    s, n = kernel._step, kernel.n
-
-    def get(name, shape):
-        t = s[name]
-        if tuple(t.shape) != shape:
-            raise FastPathUnavailable(f"unexpected shape {tuple(t.shape)} of the step parameter {name!r} "
-                                      f"(expected {shape}); the fused engine does not support this kernel")
-        return t.detach().to(torch.complex128 if t.is_complex() else torch.float64)
-
-    D = D.detach().to(torch.float64).reshape(1, H)
-    if isinstance(kernel, SSMKernelDiag):
-        planes = torch.stack(_re_im(get("dA", (H, n)), get("dB", (H, n)), get("C", (1, H, n))[0]))
-        return _DIAG, 0, _tiles(planes, Hp), _tiles(D, Hp)
-    r = kernel.rank
-    E, F, dtB = get("E", (H, n)), get("F", (H, n)), get("dtB", (H, n))
-    G, Qc, M = get("G", (r, H, n)), get("Qc", (r, H, n)), get("M", (H, r, r))
-    C = get("C", (1, H, n))[0]
-    FE, FdtB = F * E, F * dtB
-    QFE = Qc * FE
-    K1 = 2 * torch.einsum("ihn,jhn->hij", Qc, G).real  # (H, r, r)
-    K2 = 2 * (Qc * FdtB).sum(-1).real  # (r, H)
-    planes = _re_im(FE, FdtB, C)
-    for j in range(r):
-        planes += _re_im(G[j], Qc[j], QFE[j])
-    chan = torch.cat([M.reshape(H, r * r).T, K1.reshape(H, r * r).T, K2, D])  # (2 r^2 + r + 1, H)
-    return _DPLR, r, _tiles(torch.stack(planes), Hp), _tiles(chan, Hp)
+_pack_linear = s4_fused.pack_linear  # the packed GEMM layout shared with s4lib's fused layer step
 
 
 def _norm(norm: nn.LayerNorm, Hp: int):
@@ -340,12 +275,11 @@ class FastStepper:
             if block.stateful:
                 s4 = block.layer
                 kernel = s4.layer.kernel
-                kind, rank, planes, chan = _ssm_tensors(kernel, s4.d_model, Hp, s4.layer.D[0])
+                kind, rank, n, planes, chan = s4_fused.pack_ssm(kernel, s4.layer.D[0])
                 out_w, out_b = _pack_linear(s4.output_linear[0], out_groups=2)
-                tiles = Hp // _VECTOR
-                state = torch.zeros(B, tiles, kernel.n, 2, _VECTOR)
-                aux = torch.zeros(B, tiles, 2 * rank, _VECTOR)
-                engine.add_s4_block(group, level, block.prenorm, norm_w, norm_b, eps, kind, rank, planes, chan,
+                state = torch.zeros(B, s4.d_model, n, dtype=torch.complex64)  # model.default_state's format
+                aux = torch.zeros(B, s4.d_model, 2 * rank)
+                engine.add_s4_block(group, level, block.prenorm, norm_w, norm_b, eps, kind, rank, n, planes, chan,
                                     out_w, out_b, state, aux)
                 states.append(state)
             else:
@@ -368,17 +302,10 @@ class FastStepper:
         self._engine.refresh()
         self._engine.set_phases([0] * len(self.pool))
 
-    def _complex_states(self, group):
-        """Engine states (B, T, n, 2, 16) -> complex (B, H, n) as model.default_state makes them."""
-        out = []
-        for state, H in group:
-            if state is None:
-                out.append(None)
-            else:
-                B, T, n = state.shape[:3]
-                x = torch.complex(state[:, :, :, 0], state[:, :, :, 1])  # (B, T, n, 16)
-                out.append(x.permute(0, 1, 3, 2).reshape(B, T * _VECTOR, n)[:, :H].contiguous())
-        return out
+    @staticmethod
+    def _complex_states(group):
+        """Copies of the engine's states: complex (B, H, n) as model.default_state makes them."""
+        return [None if state is None else state.clone() for state, _ in group]
 
     @_plain_tensors
     def get_state(self) -> dict:
@@ -439,14 +366,10 @@ class FastStepper:
                 if t is not None:
                     raise ValueError(f"state {name}[{j}] belongs to an FF block and must be None")
                 continue
-            B, T, n = state.shape[:3]
-            if not isinstance(t, torch.Tensor) or not t.is_complex() or tuple(t.shape) != (B, H, n):
-                raise ValueError(f"state {name}[{j}] must be complex ({B}, {H}, {n}), got "
+            if not isinstance(t, torch.Tensor) or not t.is_complex() or t.shape != state.shape:
+                raise ValueError(f"state {name}[{j}] must be complex {tuple(state.shape)}, got "
                                  f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
-            x = torch.zeros(B, T * _VECTOR, n, dtype=torch.complex64)
-            x[:, :H] = t.detach()
-            x = x.reshape(B, T, _VECTOR, n).permute(0, 1, 3, 2)  # (B, T, n, 16)
-            state.copy_(torch.stack([x.real, x.imag], dim=3))
+            state.copy_(t.detach())
 
     # ------------------------------------------------------------------------------------- steps
     def _tokens(self, tokens, name="tokens") -> torch.Tensor:
