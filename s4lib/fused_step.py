@@ -14,7 +14,7 @@ interchange at any step. It applies when all of these hold:
 - the configuration is implemented (`unsupported_reason(module)` says why not): channels=1,
   activation identity / GELU (erf) / tanh / ReLU / SiLU / sigmoid, S4 step mode 'linear' with
   rank <= 4; for S4Block additionally no bottleneck, no gate, no mult_act, and final_act 'glu',
-  None or a plain linear. An S4Block outside that set still runs its FFTConv fused.
+  None or 'id' (a plain linear). An S4Block outside that set still runs its FFTConv fused.
 
 `module.step_backend` ('auto' default, 'eager', 'fused') chooses per module; 'fused' raises
 FusedStepUnavailable instead of falling back. `set_step_backend(model, name)` sets it on every
@@ -246,9 +246,11 @@ def _output_kind(block):
         return OUT_NONE, None
     if isinstance(out, nn.Linear):
         return OUT_LINEAR, out
-    if isinstance(out, nn.Sequential) and len(out) == 2 and isinstance(out[0], nn.Linear) \
-            and isinstance(out[1], nn.GLU) and out[1].dim in (-1, 1):
-        return OUT_GLU, out[0]
+    if isinstance(out, nn.Sequential) and len(out) == 2 and isinstance(out[0], nn.Linear):
+        if isinstance(out[1], nn.GLU) and out[1].dim in (-1, 1):
+            return OUT_GLU, out[0]
+        if isinstance(out[1], nn.Identity):
+            return OUT_LINEAR, out[0]
     return None
 
 
