@@ -32,6 +32,7 @@
 // The sampling rule of generate() is defined in sashimi/pipelines/fast_step.py (module docstring) and
 // implemented in sample_row() (kernels/sashimi_sampling.h) with the same float64 operations in the same order.
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 #include <ATen/core/Tensor.h>
 #include <torch/csrc/utils/pybind.h>
 
@@ -168,8 +169,15 @@ class Engine {
     TORCH_CHECK(head_.out >= V_, "sashimi_step: head narrower than n_classes");
   }
 
+  // Backbone-only engines (n_classes = 0, no head): the output LayerNorm, if any, of step_features().
+  void set_output_norm(bool has_norm, at::Tensor norm_w, at::Tensor norm_b, double eps) {
+    TORCH_CHECK(!levels_.empty() && V_ == 0, "sashimi_step: set_output_norm is for backbone-only engines");
+    has_out_norm_ = has_norm;
+    if (has_norm) head_norm_ = norm(norm_w, norm_b, eps, levels_[0]);
+  }
+
   void finalize() {
-    TORCH_CHECK(has_center_ && head_.w != nullptr, "sashimi_step: incomplete model (centre or head missing)");
+    TORCH_CHECK(has_center_ && (head_.w != nullptr || V_ == 0), "sashimi_step: incomplete model (centre or head missing)");
     TORCH_CHECK(levels_[0].Hp == H0p_, "sashimi_step: embedding width differs from level 0");
     for (size_t i = 0; i + 1 < levels_.size(); ++i) {
       Level& lv = levels_[i];
@@ -222,6 +230,57 @@ class Engine {
     advance_phases(1);
   }
 
+  // Tensors whose version counters and data pointers signature() sums (the parameters an engine was built from).
+  void watch(std::vector<at::Tensor> tensors) { watched_ = std::move(tensors); }
+  std::vector<int64_t> signature() const {
+    int64_t versions = 0, pointers = 0;
+    for (const auto& t : watched_) {
+      versions += (int64_t)t._version();
+      pointers += (int64_t)reinterpret_cast<uintptr_t>(t.data_ptr());
+    }
+    return {versions, pointers};
+  }
+
+  // Backbone-only step: features x (B, H0) float32 -> y (B, H0) (after the output norm, if any).
+  // Returns copies of the S4 states of the levels that ran, in the order level 0 (down, up blocks),
+  // level 1, ..., centre; `ran` receives the number of levels that ran (the centre counts).
+  std::vector<at::Tensor> step_features(at::Tensor x, at::Tensor y, int64_t threads) {
+    TORCH_CHECK(finalized_ && V_ == 0, "sashimi_step: step_features needs a finalized backbone-only engine");
+    const int64_t H0 = levels_[0].H;
+    for (const at::Tensor* t : {&x, &y})
+      TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 2 &&
+                  t->size(0) == B_ && t->size(1) == H0, "sashimi_step: features must be contiguous float32 (",
+                  B_, ", ", H0, "), got ", t->sizes());
+    const float* in = x.data_ptr<float>();
+    float* out = y.data_ptr<float>();
+    parallel_rows([&](int64_t r0, int64_t R) {
+      FlushDenormals flush;
+      std::vector<int64_t> phase = phase_;
+      float* x0 = x0_.data + r0 * H0p_;
+      for (int64_t r = 0; r < R; ++r) std::memcpy(x0 + r * H0p_, in + (r0 + r) * H0, H0 * sizeof(float));
+      float* yl = level_step(0, x0, r0, R, phase.data());
+      if (has_out_norm_) {
+        float* z = levels_[0].z.data + r0 * H0p_;
+        layer_norm(yl, R, head_norm_, z);
+        yl = z;
+      }
+      for (int64_t r = 0; r < R; ++r) std::memcpy(out + (r0 + r) * H0, yl + r * H0p_, H0 * sizeof(float));
+    }, threads);
+    int64_t ran = 1;  // levels that ran this step: level i + 1 ran iff level i fired
+    while (ran < (int64_t)levels_.size() && phase_[ran - 1] == levels_[ran - 1].p - 1) ++ran;
+    advance_phases(1);
+    std::vector<at::Tensor> copies;
+    for (int64_t i = 0; i < ran; ++i)
+      for (auto* group : {&levels_[i].down, &levels_[i].up})
+        for (const Block& blk : *group)
+          if (blk.stateful) {
+            at::Tensor t = at::empty({B_, blk.H, blk.ssm.n}, at::TensorOptions().dtype(at::kComplexFloat));
+            std::memcpy(t.data_ptr(), blk.state, B_ * blk.H * 2 * blk.ssm.n * sizeof(float));
+            copies.push_back(t);
+          }
+    return copies;
+  }
+
   // The sampling loop: feed first (B,), sample n tokens per row with the rule of fast_step.py.
   void generate(at::Tensor first, at::Tensor uniforms, double temperature, int64_t top_k, double top_p,
                 at::Tensor tokens, at::Tensor logprobs) {
@@ -268,7 +327,8 @@ class Engine {
   std::vector<at::Tensor> kept_;  // every tensor whose memory the engine reads or writes
   float* embedding_ = nullptr;
   std::vector<Level> levels_;     // pooling levels, then the centre
-  bool has_center_ = false, finalized_ = false;
+  bool has_center_ = false, finalized_ = false, has_out_norm_ = false;
+  std::vector<at::Tensor> watched_;
   Norm head_norm_;
   Linear head_;
   Scratch x0_, logits_;
@@ -326,9 +386,10 @@ class Engine {
     return levels_[level];
   }
 
+  // f(r0, R) on contiguous slices of rows, one per thread (threads < 1: torch's thread count).
   template <class F>
-  void parallel_rows(const F& f) {
-    const int64_t chunks = std::min<int64_t>(B_, std::max<int64_t>(1, at::get_num_threads()));
+  void parallel_rows(const F& f, int64_t threads = 0) {
+    const int64_t chunks = std::min<int64_t>(B_, std::max<int64_t>(1, threads > 0 ? threads : at::get_num_threads()));
     if (chunks <= 1) {
       f(0, B_);
       return;
@@ -463,6 +524,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("add_s4_block", &Engine::add_s4_block)
       .def("add_ff_block", &Engine::add_ff_block)
       .def("set_head", &Engine::set_head)
+      .def("set_output_norm", &Engine::set_output_norm)
+      .def("step_features", &Engine::step_features, py::call_guard<py::gil_scoped_release>())
+      .def("watch", &Engine::watch)
+      .def("signature", &Engine::signature)
       .def("finalize", &Engine::finalize)
       .def("refresh", &Engine::refresh)
       .def("phases", &Engine::phases)

@@ -18,7 +18,7 @@ interchange at any step. It applies when all of these hold:
 
 `module.step_backend` ('auto' default, 'eager', 'fused') chooses per module; 'fused' raises
 FusedStepUnavailable instead of falling back. `set_step_backend(model, name)` sets it on every
-FFTConv and S4Block of a model.
+module of a model that has one (sashimi's SaShiMi backbone has its own fused engine).
 
 Threads: the fused step splits a batch into contiguous slices of rows, one per thread:
 `default_threads(batch)` = 1 below 8 rows (a step of one row is microseconds of work, less than
@@ -281,14 +281,12 @@ def unsupported_reason(module) -> str | None:
 
 
 def set_step_backend(model: nn.Module, backend: str) -> nn.Module:
-    """Set step_backend ('auto', 'eager' or 'fused') on every FFTConv and S4Block in `model`; returns it."""
-    from .block import S4Block
-    from .fftconv import FFTConv
-
+    """Set step_backend ('auto', 'eager' or 'fused') on every module of `model` that has one
+    (FFTConv, S4Block, and modules built on them such as sashimi's SaShiMi); returns `model`."""
     if backend not in BACKENDS:
         raise ValueError(f"step backend must be one of {BACKENDS}, got {backend!r}")
     for m in model.modules():
-        if isinstance(m, (FFTConv, S4Block)):
+        if hasattr(m, "step_backend"):
             m.step_backend = backend
     return model
 
