@@ -40,6 +40,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <tuple>
 #include <vector>
 
 #include "s4_layer_step.h"
@@ -241,12 +242,13 @@ class Engine {
     return {versions, pointers};
   }
 
-  // Backbone-only step: features x (B, H0) float32 -> y (B, H0) (after the output norm, if any).
-  // Returns copies of the S4 states of the levels that ran, in the order level 0 (down, up blocks),
-  // level 1, ..., centre; `ran` receives the number of levels that ran (the centre counts).
-  std::vector<at::Tensor> step_features(at::Tensor x, at::Tensor y, int64_t threads) {
-    TORCH_CHECK(finalized_ && V_ == 0, "sashimi_step: step_features needs a finalized backbone-only engine");
+  // Backbone-only step: features x (B, H0) float32 -> (y (B, H0) after the output norm if any, copies of
+  // the S4 states of the levels that ran (level 0's down and up blocks, level 1's, ..., the centre's),
+  // the number of levels that ran (the centre counts as one), the buffer slot the last of them wrote).
+  std::tuple<at::Tensor, std::vector<at::Tensor>, int64_t, int64_t> step_features(at::Tensor x, int64_t threads) {
     const int64_t H0 = levels_[0].H;
+    at::Tensor y = at::empty({B_, H0}, x.options());
+    TORCH_CHECK(finalized_ && V_ == 0, "sashimi_step: step_features needs a finalized backbone-only engine");
     for (const at::Tensor* t : {&x, &y})
       TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 2 &&
                   t->size(0) == B_ && t->size(1) == H0, "sashimi_step: features must be contiguous float32 (",
@@ -268,6 +270,7 @@ class Engine {
     }, threads);
     int64_t ran = 1;  // levels that ran this step: level i + 1 ran iff level i fired
     while (ran < (int64_t)levels_.size() && phase_[ran - 1] == levels_[ran - 1].p - 1) ++ran;
+    const int64_t slot = ran <= (int64_t)phase_.size() ? phase_[ran - 1] : -1;
     advance_phases(1);
     std::vector<at::Tensor> copies;
     for (int64_t i = 0; i < ran; ++i)
@@ -278,7 +281,7 @@ class Engine {
             std::memcpy(t.data_ptr(), blk.state, B_ * blk.H * 2 * blk.ssm.n * sizeof(float));
             copies.push_back(t);
           }
-    return copies;
+    return {y, copies, ran, slot};
   }
 
   // The sampling loop: feed first (B,), sample n tokens per row with the rule of fast_step.py.

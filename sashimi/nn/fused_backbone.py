@@ -400,24 +400,23 @@ def backbone_step(backbone, x, state):
 def _engine_step(engine, x, state):
     if state is not engine.state_obj or _snapshot(state) != engine.snapshot:
         engine.set_state(state)
-    phases = engine._engine.phases()
-    y = torch.empty(x.shape[0], engine.widths[0])
-    x = x.contiguous()
-    copies = iter(engine._engine.step_features(x, y, s4_fused.default_threads(x.shape[0])))
-    # mirror the eager step's updates of the dict: the levels that ran get their new S4 states
-    B = engine.batch_size
-    for i, p in enumerate(engine.pool):
+    y, copies, ran, slot = engine._engine.step_features(x.contiguous(), s4_fused.default_threads(x.shape[0]))
+    # mirror the eager step's updates of the dict: the levels that ran get their new S4 states;
+    # levels 0 .. ran-2 fired (DownPool emptied, pending refilled), level ran-1 buffered its input
+    copies = iter(copies)
+    n_pool, B = len(engine.pool), engine.batch_size
+    for i in range(min(ran, n_pool)):
         for key, level, j in engine.slots[i]:
             state[key][level][j] = next(copies)
-        if phases[i] + 1 < p:  # the DownPool holds one more input
-            buffered = x if i == 0 and engine.input_is_buffered else \
-                engine._buffers[i][:, phases[i], :engine.widths[i]].clone()
-            state["buffer"][i].append(buffered)
-            break
-        state["buffer"][i].clear()  # it fired: the coarser level ran and refilled the pending outputs
-        H = engine.widths[i]
-        state["pending"][i] = engine._pending[i].view(B, p, -1)[:, :, :H].reshape(B, p * H).clone()
-    else:
+        if i == ran - 1:
+            H = engine.widths[i]
+            state["buffer"][i].append(x if i == 0 and engine.input_is_buffered else
+                                      engine._buffers[i][:, slot, :H].clone())
+        else:
+            p, H = engine.pool[i], engine.widths[i]
+            state["buffer"][i].clear()
+            state["pending"][i] = engine._pending[i].view(B, p, -1)[:, :, :H].reshape(B, p * H).clone()
+    if ran > n_pool:
         for key, _, j in engine.slots[-1]:
             state[key][j] = next(copies)
     engine.state_obj, engine.snapshot = state, _snapshot(state)
