@@ -50,6 +50,22 @@ static inline float hsum_tree(vf v) {
   return v[0];
 }
 
+// The four horizontal sums of a, b, c, d at once (13 vector operations instead of 4 x 8).
+static inline void hsum4(vf a, vf b, vf c, vf d, float* out) {
+  const vi lo8 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
+  const vi hi8 = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
+  const vf ab = __builtin_shuffle(a, b, lo8) + __builtin_shuffle(a, b, hi8);  // a: lanes 0-7, b: 8-15
+  const vf cd = __builtin_shuffle(c, d, lo8) + __builtin_shuffle(c, d, hi8);
+  const vi lo4 = {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27};
+  const vi hi4 = {4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31};
+  vf v = __builtin_shuffle(ab, cd, lo4) + __builtin_shuffle(ab, cd, hi4);  // a, b, c, d: 4 lanes each
+  const vi h2 = {2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13};
+  const vi h1 = {1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14};
+  v += __builtin_shuffle(v, h2);
+  v += __builtin_shuffle(v, h1);
+  out[0] = v[0], out[1] = v[4], out[2] = v[8], out[3] = v[12];
+}
+
 static inline float scalar_act(float v, int64_t act) {
   switch (act) {
     case kGELU: return 0.5f * v * (1.0f + std::erf(v * 0.70710678118654752440f));
@@ -93,8 +109,9 @@ static void ssm_rows_impl(const SSM& m, const float* u, int64_t ldu, const float
   constexpr int MAXR = RANK > 0 ? RANK : kMaxRank;
   const int64_t H = m.H, np = 2 * m.n, P = m.npad, rank = m.kind == kDiag ? 0 : (RANK > 0 ? RANK : m.rank);
   const int64_t stride = m.planes * P;
-  for (int64_t r = 0; r < R; ++r) {
-    for (int64_t h = 0; h < H; ++h) {
+  // channels outer, rows inner: a channel's parameters (planes x npad floats) stay in L1 across the rows
+  for (int64_t h = 0; h < H; ++h) {
+    for (int64_t r = 0; r < R; ++r) {
       const float* par = m.par + h * stride;
       const float* ch = m.chan + h * m.chans;
       const float* xi = x_in + (r * H + h) * np;
@@ -140,14 +157,22 @@ static void ssm_rows_impl(const SSM& m, const float* u, int64_t ldu, const float
             an[i] += vload(par + (5 + 3 * i) * P + k) * nx;
           }
         }
-        for (int64_t i = 0; i < rank; ++i) {
-          ax[i] = 2.0f * hsum_tree(qn[i]);
-          ax[rank + i] = 2.0f * hsum_tree(an[i]);
-        }
+        // y, q_0.., a_0.. reduced four at a time
+        vf acc[2 * MAXR + 4];
+        acc[0] = y;
+        for (int64_t i = 0; i < rank; ++i) acc[1 + i] = qn[i], acc[1 + rank + i] = an[i];
+        const int64_t count = 1 + 2 * rank;
+        for (int64_t i = count; i < count + 3; ++i) acc[i] = vf{};
+        float sums[2 * MAXR + 4];
+        for (int64_t i = 0; i < count; i += 4) hsum4(acc[i], acc[i + 1], acc[i + 2], acc[i + 3], sums + i);
+        for (int64_t i = 0; i < 2 * rank; ++i) ax[i] = 2.0f * sums[1 + i];
+        s[r * lds + h] = 2.0f * sums[0] + ch[0] * uh;
+        continue;
       }
       s[r * lds + h] = 2.0f * hsum_tree(y) + ch[0] * uh;
     }
-    // activation over the row, vectorised (GELU as in the engine's other layers)
+  }
+  for (int64_t r = 0; r < R; ++r) {  // activation over each row, vectorised (GELU as in the engine's other layers)
     float* sr = s + r * lds;
     int64_t h = 0;
     if (m.act == kGELU) {

@@ -236,7 +236,7 @@ class Engine {
   std::vector<int64_t> signature() const {
     int64_t versions = 0, pointers = 0;
     for (const auto& t : watched_) {
-      versions += (int64_t)t._version();
+      versions += t.is_inference() ? 0 : (int64_t)t._version();  // inference tensors have no counter
       pointers += (int64_t)reinterpret_cast<uintptr_t>(t.data_ptr());
     }
     return {versions, pointers};

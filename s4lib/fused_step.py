@@ -323,7 +323,8 @@ def _objects(module, is_block):
 
 
 def _versions(tensors):
-    return tuple((t._version, t.data_ptr()) if t is not None else None for t in tensors)
+    # parameters made under torch.inference_mode have no version counter (and cannot change outside it)
+    return tuple(None if t is None else ((0 if t.is_inference() else t._version), t.data_ptr()) for t in tensors)
 
 
 def _call_reason(x, state, H, n, tensors) -> str | None:
