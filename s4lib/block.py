@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from . import fused_step
 from .fftconv import DropoutNd, FFTConv, activation_module, check_input, check_step_args
 
 
@@ -64,6 +65,7 @@ class S4Block(nn.Module):
         self.drop = DropoutNd(dropout) if (tie_dropout and dropout > 0) else (nn.Dropout(dropout) if dropout > 0 else nn.Identity())
         d_inner_out = inner * gate if gate is not None else self.layer.d_output
         self.output_linear = nn.Identity() if final_act is None else linear_activation(d_inner_out, d_model, final_act)
+        self.step_backend = "auto"  # 'auto' | 'eager' | 'fused': see s4lib.fused_step
 
     @property
     def d_output(self) -> int:
@@ -104,9 +106,16 @@ class S4Block(nn.Module):
         return self.layer.default_state(*batch_shape, device=device)
 
     def step(self, x: torch.Tensor, state: torch.Tensor):
-        """x (B, H) -> y (B, H), next state."""
-        if state is None or x.dim() != 2 or x.shape[-1] != self.d_model:  # FFTConv.step checks the state
-            check_step_args(x, state, self.d_model, self.layer.kernel)
+        """x (B, H) -> y (B, H), next state.
+
+        The whole block runs as one fused native step when it applies (s4lib.fused_step), else its
+        FFTConv steps fused or eager and the output stage runs eagerly; the state format is shared.
+        """
+        check_step_args(x, state, self.d_model, self.layer.kernel)
+        if self.step_backend != "eager" and not torch.compiler.is_compiling():
+            out = fused_step.block_step(self, x, state)
+            if out is not None:
+                return out
         u = self.input_linear(x) if self.bottleneck is not None else x
         y, state = self.layer.step(u, state)
         return self._features(x, y), state

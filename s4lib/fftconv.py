@@ -13,7 +13,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .ssm import SSMKernelDiag, SSMKernelDPLR
+from . import fused_step
+from .ssm_diag import SSMKernelDiag
+from .ssm_dplr import SSMKernelDPLR
 
 KERNELS = {"dplr": SSMKernelDPLR, "s4": SSMKernelDPLR, "nplr": SSMKernelDPLR,
            "diag": SSMKernelDiag, "s4d": SSMKernelDiag}
@@ -233,6 +235,7 @@ class FFTConv(nn.Module):
         self.kernel = KERNELS[mode](d_model, channels=kernel_channels, **kernel_args)
         dropout_cls = DropoutNd if tie_dropout else nn.Dropout
         self.drop = dropout_cls(dropout) if dropout > 0 else nn.Identity()
+        self.step_backend = "auto"  # 'auto' | 'eager' | 'fused': see s4lib.fused_step
 
     @property
     def d_output(self) -> int:
@@ -280,7 +283,15 @@ class FFTConv(nn.Module):
         return self.kernel.default_state(*batch_shape, device=device)
 
     def step(self, x: torch.Tensor, state: torch.Tensor):
-        """x (B, H) -> y (B, channels*H), next state."""
+        """x (B, H) -> y (B, channels*H), next state.
+
+        Runs the fused native step when it applies (s4lib.fused_step: CPU float32, no autograd
+        graph, a supported configuration), else this eager step; both read and write the same state.
+        """
+        if self.step_backend != "eager" and not torch.compiler.is_compiling():
+            out = fused_step.fftconv_step(self, x, state)
+            if out is not None:
+                return out
         if not hasattr(self.kernel, "_step"):
             raise RuntimeError("call setup_step() before step()")
         check_step_args(x, state, self.d_model, self.kernel)
