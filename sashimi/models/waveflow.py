@@ -68,6 +68,9 @@ class WaveFlowConfig:
     f_max: float = 8000.0
     upsample_strides: tuple | None = None
     checkpointing: bool = False  # recompute each flow in the backward (training memory ~ one flow)
+    # the objective adds uniform noise of this width (one 16-bit step) to the audio, so a density on
+    # discrete or exactly silent audio stays bounded (0 turns it off)
+    dequantize_step: float = 2.0 ** -15
 
     def __post_init__(self):
         if self.family != "waveflow":
@@ -80,6 +83,8 @@ class WaveFlowConfig:
             raise ValueError(f"permutation must be one of {PERMUTATIONS}, got {self.permutation!r}")
         if self.condition not in CONDITIONS:
             raise ValueError(f"condition must be one of {CONDITIONS}, got {self.condition!r}")
+        if not self.dequantize_step >= 0:
+            raise ValueError(f"dequantize_step must be >= 0, got {self.dequantize_step!r}")
         if not self.sigma > 0:
             raise ValueError(f"sigma (the prior's standard deviation) must be > 0, got {self.sigma!r}")
         for name in ("height_dilations", "width_dilations", "upsample_strides"):
@@ -235,7 +240,7 @@ class WaveFlow(nn.Module):
 
     # ------------------------------------------------------------------ the flow
     def _flow_forward(self, k: int, X: torch.Tensor, cond: torch.Tensor | None):
-        """Flow k on squeezed X (B, 1, h, w): Z and its log-determinant per example (B,)."""
+        """Flow k on squeezed X (B, 1, h, w): Z and log_s (B, 1, h - 1, w) of rows 1..h-1."""
         net = self.flows[k]
         cond_k = None if cond is None else cond[:, :, self.cond_rows[k][1:]]
         if self.config.checkpointing and torch.is_grad_enabled():
@@ -243,31 +248,51 @@ class WaveFlow(nn.Module):
         else:
             log_s, b = net(X[:, :, :-1], cond_k)
         Z = torch.cat([X[:, :, :1], X[:, :, 1:] * torch.exp(log_s) + b], dim=2)
-        return Z, log_s.flatten(1).sum(1)
+        return Z, log_s
 
-    def forward(self, x: torch.Tensor, mel: torch.Tensor | None = None):
-        """x (B, n) -> (z (B, n), logdet (B,)): z = f(x), logdet = log|det df/dx| summed over samples."""
+    def _run(self, x: torch.Tensor, mel: torch.Tensor | None, per_sample: bool):
         self._check_audio(x, "x")
         B, n = x.shape
         cond = self.condition_rows(mel, n, B)
         X = squeeze(x[:, None], self.h)
-        logdet = x.new_zeros(B)
+        # log_s of flow k at row i belongs to the sample at squeezed row cond_rows[k][i] of x
+        logdet = X.new_zeros(B, 1, self.h, n // self.h) if per_sample else x.new_zeros(B)
         for k in range(self.config.n_flows):
-            X, ld = self._flow_forward(k, X, cond)
-            logdet = logdet + ld
+            X, log_s = self._flow_forward(k, X, cond)
+            if per_sample:
+                logdet = logdet.index_add(2, self.cond_rows[k][1:], log_s)
+            else:
+                logdet = logdet + log_s.flatten(1).sum(1)
             if k < self.config.n_flows - 1:
                 X = X[:, :, self.perms[k]]
+        if per_sample:
+            prior = self._prior_terms(X)
+            prior = torch.empty_like(prior).index_copy_(2, self.cond_rows[-1], prior)
+            return unsqueeze(prior + logdet)[:, 0]
         return unsqueeze(X)[:, 0], logdet
+
+    def forward(self, x: torch.Tensor, mel: torch.Tensor | None = None):
+        """x (B, n) -> (z (B, n), logdet (B,)): z = f(x), logdet = log|det df/dx| summed over samples."""
+        return self._run(x, mel, per_sample=False)
+
+    def _prior_terms(self, z: torch.Tensor) -> torch.Tensor:
+        sigma = self.config.sigma
+        return -0.5 * (z / sigma) ** 2 - math.log(sigma) - HALF_LOG_2PI
 
     def prior_log_prob(self, z: torch.Tensor) -> torch.Tensor:
         """Σ over samples of log N(z; 0, sigma²), per example (B,)."""
-        sigma = self.config.sigma
-        return (-0.5 * (z / sigma) ** 2 - math.log(sigma) - HALF_LOG_2PI).sum(1)
+        return self._prior_terms(z).flatten(1).sum(1)
 
     def log_likelihood(self, x: torch.Tensor, mel: torch.Tensor | None = None) -> torch.Tensor:
         """log p(x) in nats, summed over the samples of each example (B,)."""
         z, logdet = self(x, mel)
         return self.prior_log_prob(z) + logdet
+
+    def log_likelihood_terms(self, x: torch.Tensor, mel: torch.Tensor | None = None) -> torch.Tensor:
+        """log p(x) split over the samples (B, n): each sample's prior term log N(z; 0, sigma²) and its
+        log_s in every flow, placed at that sample's position in x. The terms sum to log_likelihood(x);
+        a loss may mask them (padding), which then scores the valid samples with the padding held fixed."""
+        return self._run(x, mel, per_sample=True)
 
     def log_prob(self, x: torch.Tensor, mel: torch.Tensor | None = None) -> torch.Tensor:
         """log p(x) in nats per sample, per example (B,)."""

@@ -210,3 +210,12 @@ def test_sample_shapes_and_temperature_zero():
     assert unconditional.sample(length=100, batch_size=3).shape == (3, 96)
     silent = unconditional.sample(length=64, temperature=0.0)
     torch.testing.assert_close(silent, unconditional.inverse(torch.zeros(1, 64)))
+
+
+def test_log_likelihood_terms_sum_to_the_log_likelihood():
+    model = randomized(tiny(h=8, n_flows=3))
+    x, mel = inputs(model, 2, 256)
+    terms = model.log_likelihood_terms(x, mel)
+    assert terms.shape == x.shape
+    torch.testing.assert_close(terms.sum(1), model.log_likelihood(x, mel), rtol=1e-12, atol=1e-10)
+    assert torch.isfinite(terms).all()
