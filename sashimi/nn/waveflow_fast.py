@@ -21,29 +21,49 @@ from .waveflow import RowS4, squeeze, unsqueeze
 
 
 class _FoldedLayer:
-    """One FlowLayer's weights as plain tensors, arranged for the row step."""
+    """One FlowLayer's weights as plain tensors, arranged and rescaled for the row step.
 
-    def __init__(self, layer, width: int):
+    Three exact rewrites (checked by the fast == plain tests): (1) sigmoid(v) = (1 + tanh(v/2))/2, so
+    the gate halves of the pre-activation weights are halved and one tanh serves both halves, the
+    remaining 1/2 going into the output weights; (2) the residual stream is kept unscaled, u_l =
+    x_l / a_l with a_l = sqrt(1/2)^l, so the conv weights take the factor a_l and the residual weights
+    1/a_l; (3) the output conv is linear, so each layer's skip weights are premultiplied by it and
+    the skip sum becomes a (2, N) accumulator of (log_s, b)."""
+
+    def __init__(self, layer, width: int, scale: float, W_end: torch.Tensor):
         r = layer.channels
         self.r, self.dh, self.dw, self.last = r, layer.dh, layer.dw, layer.last
         self.ring = 2 * layer.dh + 1
-        W = layer.conv.weight.detach()  # (2r, r, 3, kw), weight norm folded
+        gate = torch.ones(2 * r, 1, dtype=W_end.dtype)
+        gate[r:] = 0.5
+        W = layer.conv.weight.detach() * scale * gate[:, :, None, None]  # (2r, r, 3, kw), weight norm folded
         self.s4 = layer.width_model == "s4"
         if self.s4:
-            # pre = [W_h(a=0) | W_h(a=1) | W_h(a=2) | W_mix] @ [x_{j-2d}; x_{j-d}; x_j; S4(x_j)]
-            mix = layer.mix.weight.detach()[:, :, 0, 0]
-            self.W = torch.cat([W[:, :, a, 0] for a in range(3)] + [mix], dim=1).contiguous()
+            # pre = [W_h(a=0) | W_h(a=1) | W_h(a=2) | W_mix] @ [u_{j-2d}; u_{j-d}; u_j; S4(u_j)]
+            mix = layer.mix.weight.detach()[:, :, 0, 0] * scale * gate
+            self.W_centre = torch.cat([W[:, :, a, 0] for a in range(3)] + [mix], dim=1).contiguous()
+            self.W_sides = None
             self.spectrum = layer.row_s4.row_kernel_spectrum(width).detach()
             self.D = layer.row_s4.layer.D.detach()[0].to(W.dtype)
         else:
-            # rows: width tap b (blocks of 2r); columns: height tap a (blocks of r)
-            self.W = torch.cat([torch.cat([W[:, :, a, b] for a in range(3)], dim=1) for b in range(3)],
-                               dim=0).contiguous()
+            # columns: height taps a = 0, 1, 2 (rows j - 2d, j - d, j); the centre width tap b = 1 alone,
+            # the two side taps stacked (b = 0 over b = 2)
+            self.W_centre = torch.cat([W[:, :, a, 1] for a in range(3)], dim=1).contiguous()
+            self.W_sides = torch.cat([torch.cat([W[:, :, a, b] for a in range(3)], dim=1) for b in (0, 2)]).contiguous()
         self.bias = layer.conv.bias.detach().clone()
         if layer.cond is not None:
             self.bias += layer.cond.bias.detach()
-        self.W_res_skip = layer.res_skip.weight.detach()[:, :, 0, 0].contiguous()
-        self.b_res_skip = layer.res_skip.bias.detach()[:, None]
+        self.bias *= gate[:, 0]
+        W_rs = layer.res_skip.weight.detach()[:, :, 0, 0] * 0.5  # the 1/2 of the gate
+        b_rs = layer.res_skip.bias.detach()
+        W_skip, b_skip = (W_rs, b_rs) if layer.last else (W_rs[r:], b_rs[r:])
+        rows = [W_end @ W_skip]
+        bias = [W_end @ b_skip]
+        if not layer.last:  # u_{l+1} = u_l + res_l / a_l
+            rows.insert(0, W_rs[:r] / scale)
+            bias.insert(0, b_rs[:r] / scale)
+        self.W_out = torch.cat(rows).contiguous()  # (r + 2, r), or (2, r) for the last layer
+        self.b_out = torch.cat(bias)[:, None]
 
 
 class _FoldedFlow:
@@ -53,55 +73,60 @@ class _FoldedFlow:
         self.r, self.n_layers = net.channels, net.n_layers
         self.w_start = net.start.weight.detach()[:, 0, 0]  # (r, 1, 1, 1) -> (r, 1)
         self.b_start = net.start.bias.detach()[:, None]
-        self.layers = [_FoldedLayer(layer, width) for layer in net.layers]
+        W_end = net.end.weight.detach()[:, :, 0, 0] * math.sqrt(1.0 / net.n_layers)  # (2, r)
+        scales = [math.sqrt(0.5) ** i for i in range(net.n_layers)]
+        self.layers = [_FoldedLayer(layer, width, a, W_end) for layer, a in zip(net.layers, scales)]
+        r = self.r
+        gate = torch.ones(2 * r, 1, dtype=W_end.dtype)
+        gate[r:] = 0.5
         if net.cond_channels:
-            self.W_cond = torch.cat([layer.cond.weight.detach()[:, :, 0, 0] for layer in net.layers]).contiguous()
+            self.W_cond = torch.cat([layer.cond.weight.detach()[:, :, 0, 0] * gate for layer in net.layers]).contiguous()
         else:
             self.W_cond = None
         self.bias_pre = torch.stack([fl.bias for fl in self.layers])[:, :, None]  # (L, 2r, 1)
-        scale = math.sqrt(1.0 / net.n_layers)
-        self.W_end = (net.end.weight.detach()[:, :, 0, 0] * scale).contiguous()  # (2, r)
-        self.b_end = net.end.bias.detach()[:, None]
+        self.b_end = net.end.bias.detach()[:, None] + sum(fl.b_out[-2:] for fl in self.layers)
+        for fl in self.layers:
+            fl.b_out = fl.b_out[:-2] if not fl.last else None
 
     def invert(self, Z: torch.Tensor, cond: torch.Tensor | None, batch: int, width: int) -> torch.Tensor:
         """Z (h, N) with N = batch·width, cond (h, C, N) already in this flow's row order -> X (h, N)."""
         h, N = Z.shape
         r = self.r
         caches = [Z.new_zeros(fl.ring, r, N) for fl in self.layers]
+        stack = Z.new_empty(4 * r, N)
         rows = [Z[0]]
-        sqrt_half = math.sqrt(0.5)
         for i in range(1, h):
             j = i - 1
-            x = torch.addmm(self.b_start, self.w_start, rows[j][None])  # (r, N)
+            # each layer's input row is written straight into its ring slot (rows before 0 stay zero)
+            u = torch.addmm(self.b_start, self.w_start, rows[j][None], out=caches[0][j % self.layers[0].ring])
             if self.W_cond is not None:
-                pre_all = torch.mm(self.W_cond, cond[i]).view(self.n_layers, 2 * r, N) + self.bias_pre
+                pre_all = torch.addmm(self.bias_pre.view(-1, 1), self.W_cond, cond[i]).view(self.n_layers, 2 * r, N)
             else:
                 pre_all = self.bias_pre.expand(self.n_layers, 2 * r, N)
-            skip = None
-            for fl, cache, pre_c in zip(self.layers, caches, pre_all):
-                cache[j % fl.ring] = x
+            out_acc = self.b_end.expand(2, N)
+            for l, (fl, cache, pre_c) in enumerate(zip(self.layers, caches, pre_all)):
                 d = fl.dh
-                stack = [cache[(j - 2 * d) % fl.ring], cache[(j - d) % fl.ring], x]
+                torch.cat([cache[(j - 2 * d) % fl.ring], cache[(j - d) % fl.ring], u], out=stack[:3 * r])
                 if fl.s4:
-                    stack.append(RowS4.apply_spectrum(x.view(r, batch, width), fl.spectrum, fl.D).view(r, N))
-                    pre = torch.addmm(pre_c, fl.W, torch.cat(stack))
+                    stack[3 * r:] = RowS4.apply_spectrum(u.view(r, batch, width), fl.spectrum, fl.D).view(r, N)
+                    pre = torch.addmm(pre_c, fl.W_centre, stack)
                 else:
-                    P = torch.mm(fl.W, torch.cat(stack)).view(3, 2 * r, batch, width)
-                    pre = P[1] + pre_c.view(2 * r, batch, width)
+                    pre = torch.addmm(pre_c, fl.W_centre, stack[:3 * r])
                     dw = fl.dw
                     if dw < width:
-                        pre[..., dw:] += P[0, ..., :-dw]
-                        pre[..., :-dw] += P[2, ..., dw:]
-                    pre = pre.view(2 * r, N)
-                g = torch.tanh(pre[:r]) * torch.sigmoid(pre[r:])
-                out = torch.addmm(fl.b_res_skip, fl.W_res_skip, g)
+                        sides = torch.mm(fl.W_sides, stack[:3 * r]).view(2, 2 * r, batch, width)
+                        pre3 = pre.view(2 * r, batch, width)
+                        pre3[..., dw:] += sides[0, ..., :-dw]
+                        pre3[..., :-dw] += sides[1, ..., dw:]
+                t = torch.tanh_(pre)
+                g = t[:r].mul_(t[r:].add_(1.0))
                 if fl.last:
-                    s = out
+                    out_acc = torch.addmm(out_acc, fl.W_out, g)
                 else:
-                    x = (x + out[:r]) * sqrt_half
-                    s = out[r:]
-                skip = s if skip is None else skip + s
-            log_s, b = torch.addmm(self.b_end, self.W_end, skip)
+                    out = torch.addmm(fl.b_out, fl.W_out[:r], g)
+                    u = torch.add(u, out, out=caches[l + 1][j % self.layers[l + 1].ring])
+                    out_acc = torch.addmm(out_acc, fl.W_out[r:], g)
+            log_s, b = out_acc
             rows.append((Z[i] - b) * torch.exp(-log_s))
         return torch.stack(rows)
 
