@@ -328,6 +328,35 @@ class WaveFlow(nn.Module):
             rows.append((Z[:, :, i:i + 1] - b[:, :, -1:]) * torch.exp(-log_s[:, :, -1:]))
         return torch.cat(rows, dim=2)
 
+    # ------------------------------------------------------------------ shareable format
+    def save_pretrained(self, directory: str) -> None:
+        """config.json + model.safetensors (no pickle: loading runs no code)."""
+        import json
+        import os
+
+        from safetensors.torch import save_file
+
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, "config.json"), "w") as f:
+            json.dump(self.config.to_dict(), f, indent=1)
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, os.path.join(directory, "model.safetensors"))
+
+    @classmethod
+    def from_pretrained(cls, directory: str) -> "WaveFlow":
+        import json
+        import os
+
+        from safetensors.torch import load_file
+
+        with open(os.path.join(directory, "config.json")) as f:
+            config = WaveFlowConfig.from_dict(json.load(f))
+        model = cls(config)
+        try:
+            model.load_state_dict(load_file(os.path.join(directory, "model.safetensors")))
+        except RuntimeError as e:
+            raise ValueError(f"{directory}: the weights do not fit its config.json ({e})") from e
+        return model
+
     @torch.no_grad()
     def sample(self, mel: torch.Tensor | None = None, temperature: float = 1.0, length: int | None = None,
                batch_size: int | None = None, generator: torch.Generator | None = None,

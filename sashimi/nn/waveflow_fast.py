@@ -93,6 +93,7 @@ class _FoldedFlow:
         h, N = Z.shape
         r = self.r
         caches = [Z.new_zeros(fl.ring, r, N) for fl in self.layers]
+        self.log_s_sum = Z.new_zeros(batch)  # Σ log_s per example: log p(x) = log N(z) + Σ log_s
         stack = Z.new_empty(4 * r, N)
         rows = [Z[0]]
         for i in range(1, h):
@@ -127,6 +128,7 @@ class _FoldedFlow:
                     u = torch.add(u, out, out=caches[l + 1][j % self.layers[l + 1].ring])
                     out_acc = torch.addmm(out_acc, fl.W_out[r:], g)
             log_s, b = out_acc
+            self.log_s_sum += log_s.view(batch, width).sum(1)
             rows.append((Z[i] - b) * torch.exp(-log_s))
         return torch.stack(rows)
 
@@ -139,8 +141,9 @@ class FastInverse:
         self.model = model
 
     @torch.no_grad()
-    def inverse(self, z: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
-        """z (B, n), cond (B, C, h, w) from model.condition_rows (or None) -> x (B, n)."""
+    def inverse(self, z: torch.Tensor, cond: torch.Tensor | None, return_log_s: bool = False):
+        """z (B, n), cond (B, C, h, w) from model.condition_rows (or None) -> x (B, n); with return_log_s
+        also Σ log_s per example (B,), so that log p(x) = log N(z; 0, sigma²) + Σ log_s."""
         model = self.model
         h = model.h
         B, n = z.shape
@@ -156,7 +159,8 @@ class FastInverse:
                 X = X[torch.argsort(model.perms[k])]
             cond_k = None if cond_t is None else cond_t[model.cond_rows[k]]
             X = flows[k].invert(X, cond_k, B, w)
-        return unsqueeze(X.view(h, B, 1, w).permute(1, 2, 0, 3))[:, 0]
+        x = unsqueeze(X.view(h, B, 1, w).permute(1, 2, 0, 3))[:, 0]
+        return (x, sum(f.log_s_sum for f in flows)) if return_log_s else x
 
 
 def inverse_flops_per_sample(config) -> float:
