@@ -6,7 +6,9 @@
 Prints, per preset and mode: median and best wall time, samples/s, real-time factor at the model's
 rate, FLOP per sample (sashimi.nn.waveflow_fast.inverse_flops_per_sample; a training step counts 3x
 the forward), achieved GFLOP/s and its percentage of a 2048^3 float32 matmul timed at the start and
-the end of the run, and the load average. With --l0sg, the public L0SG/WaveFlow h16-r64 model runs
+the end of the run, and the load average. On a shared machine the CPU-time columns (best run's
+process CPU time; meaningful with --threads 1, where no thread spins waiting for another) estimate
+what one uncontended core does. With --l0sg, the public L0SG/WaveFlow h16-r64 model runs
 the same modes beside ours (reverse_fast with weight norm removed and conditioning fused, as its
 own synthesis script does); its inversion drops the last 768 samples of the condition, so its
 samples/s counts what it produced.
@@ -29,25 +31,29 @@ from sashimi.nn.waveflow_fast import inverse_flops_per_sample  # noqa: E402
 from sashimi.objectives.waveflow import waveflow_objective  # noqa: E402
 
 
-def sgemm_gflops(n: int = 2048, repeats: int = 5) -> float:
+def sgemm_gflops(n: int = 2048, repeats: int = 5):
+    """(wall-clock GFLOP/s of the median run, GFLOP per CPU-second of the best run) of an n^3 matmul."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b
-    times = []
+    times, cpu = [], []
     for _ in range(repeats):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         a @ b
         times.append(time.perf_counter() - t)
-    return 2 * n ** 3 / statistics.median(times) / 1e9
+        cpu.append(time.process_time() - c)
+    return 2 * n ** 3 / statistics.median(times) / 1e9, 2 * n ** 3 / min(cpu) / 1e9
 
 
 def timed(fn, repeats: int):
+    """(median wall s, best wall s, best CPU s of this process, last output)."""
     fn()  # warm-up (kernel spectra, allocator)
-    times = []
+    times, cpu = [], []
     for _ in range(repeats):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         out = fn()
         times.append(time.perf_counter() - t)
-    return statistics.median(times), min(times), out
+        cpu.append(time.process_time() - c)
+    return statistics.median(times), min(times), min(cpu), out
 
 
 def perturbed(model):
@@ -58,11 +64,14 @@ def perturbed(model):
     return model.eval()
 
 
-def row(label, mode, med, best, samples, rate, flop_per_sample, sgemm):
+def row(label, mode, timing, samples, rate, flop_per_sample, sgemm):
+    med, best, cpu = timing
     sps = samples / med
     gflops = flop_per_sample * sps / 1e9
+    cpu_gflops = flop_per_sample * samples / cpu / 1e9
     print(f"| {label} | {mode} | {med:.3f} | {best:.3f} | {sps:,.0f} | {sps / rate:.3f} | "
-          f"{flop_per_sample / 1e6:.2f} | {gflops:.1f} | {100 * gflops / sgemm:.0f} % |", flush=True)
+          f"{flop_per_sample / 1e6:.2f} | {gflops:.1f} | {100 * gflops / sgemm[0]:.0f} % | {cpu:.3f} | "
+          f"{samples / cpu / rate:.3f} | {100 * cpu_gflops / sgemm[1]:.0f} % |", flush=True)
 
 
 def bench_ours(name, modes, seconds, repeats, sgemm):
@@ -77,8 +86,8 @@ def bench_ours(name, modes, seconds, repeats, sgemm):
             n = frames * hop // config.h * config.h
             mel = torch.randn(batch, config.n_mels, frames) - 5
             z = torch.randn(batch, n)
-            med, best, _ = timed(lambda: model.inverse(z, mel), repeats)
-            row(name, f"vocode batch {batch}", med, best, batch * n, rate, flops, sgemm)
+            *timing, _ = timed(lambda: model.inverse(z, mel), repeats)
+            row(name, f"vocode batch {batch}", timing, batch * n, rate, flops, sgemm)
         elif mode == "train":
             model.train()
             wav = 0.3 * torch.randn(1, 16000)
@@ -88,8 +97,8 @@ def bench_ours(name, modes, seconds, repeats, sgemm):
                 (loss_sum / count).backward()
                 model.zero_grad(set_to_none=True)
 
-            med, best, _ = timed(step, max(1, repeats - 1))
-            row(name, "train fwd+bwd batch 1", med, best, 15872, rate, 3 * flops, sgemm)
+            *timing, _ = timed(step, max(1, repeats - 1))
+            row(name, "train fwd+bwd batch 1", timing, 15872, rate, 3 * flops, sgemm)
             model.eval()
 
 
@@ -110,8 +119,8 @@ def bench_l0sg(path, modes, seconds, repeats, sgemm):
             model.fuse_conditioning_layers()
             mel = torch.randn(batch, 80, frames) - 5
             with torch.no_grad():
-                med, best, audio = timed(lambda: model.reverse_fast(mel, 1.0), repeats)
-            row("L0SG h16-r64", f"vocode batch {batch}", med, best, audio.numel(), rate, flops, sgemm)
+                *timing, audio = timed(lambda: model.reverse_fast(mel, 1.0), repeats)
+            row("L0SG h16-r64", f"vocode batch {batch}", timing, audio.numel(), rate, flops, sgemm)
         elif mode == "train":
             model.train()
             x, mel = 0.3 * torch.randn(1, 15872), torch.randn(1, 80, 62) - 5
@@ -122,8 +131,8 @@ def bench_l0sg(path, modes, seconds, repeats, sgemm):
                 loss.backward()
                 model.zero_grad(set_to_none=True)
 
-            med, best, _ = timed(step, max(1, repeats - 1))
-            row("L0SG h16-r64", "train fwd+bwd batch 1", med, best, 15872, rate, 3 * flops, sgemm)
+            *timing, _ = timed(step, max(1, repeats - 1))
+            row("L0SG h16-r64", "train fwd+bwd batch 1", timing, 15872, rate, 3 * flops, sgemm)
 
 
 def main():
@@ -141,16 +150,18 @@ def main():
     load = os.getloadavg()
     sgemm = sgemm_gflops()
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, torch {torch.__version__}, {args.threads} threads, "
-          f"load {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; sgemm 2048^3 at start: {sgemm:.1f} GFLOP/s")
-    print("| model | mode | median s | best s | samples/s | x real time | MFLOP/sample | GFLOP/s | of sgemm |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          f"load {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; sgemm 2048^3 at start: {sgemm[0]:.1f} GFLOP/s wall, "
+          f"{sgemm[1]:.1f} GFLOP per CPU-s")
+    print("| model | mode | median s | best s | samples/s | x real time | MFLOP/sample | GFLOP/s | of sgemm "
+          "| best CPU s | x real time per CPU-s | of sgemm per CPU-s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in args.presets:
         bench_ours(name, args.modes, args.seconds, args.repeats, sgemm)
     if args.l0sg:
         bench_l0sg(args.l0sg, args.modes, args.seconds, args.repeats, sgemm)
     end = sgemm_gflops()
     load = os.getloadavg()
-    print(f"sgemm at end: {end:.1f} GFLOP/s; load {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} "
+    print(f"sgemm at end: {end[0]:.1f} GFLOP/s wall, {end[1]:.1f} GFLOP per CPU-s; load {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} "
           f"(percentages above use the start figure)")
 
 

@@ -97,7 +97,7 @@ def test_nll(model, nll, mel_fn, x_test):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=["waveflow-h16-r64"],
+    p.add_argument("--models", nargs="*", default=["waveflow-h16-r64"],
                    help="presets, optionally with integer changes: waveflow-s4-h16:residual_channels=88")
     p.add_argument("--l0sg", default=None, help="L0SG/WaveFlow checkout: add its h16-r64 model")
     p.add_argument("--minutes", type=float, default=5.0, help="CPU-time budget per model")

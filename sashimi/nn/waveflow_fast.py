@@ -80,17 +80,20 @@ class _FoldedFlow:
         r = self.r
         gate = torch.ones(2 * r, 1, dtype=W_end.dtype)
         gate[:r] = 2.0
+        # every layer's condition projection and pre-activation bias in one product with [cond; 1]
+        bias = torch.cat([fl.bias for fl in self.layers])[:, None]  # (L·2r, 1)
         if net.cond_channels:
-            self.W_cond = torch.cat([layer.cond.weight.detach()[:, :, 0, 0] * gate for layer in net.layers]).contiguous()
+            W_cond = torch.cat([layer.cond.weight.detach()[:, :, 0, 0] * gate for layer in net.layers])
+            self.W_cond = torch.cat([W_cond, bias], dim=1).contiguous()
         else:
-            self.W_cond = None
-        self.bias_pre = torch.stack([fl.bias for fl in self.layers])[:, :, None]  # (L, 2r, 1)
+            self.W_cond = bias.contiguous()
         self.b_end = net.end.bias.detach()[:, None] + sum(fl.b_out[-2:] for fl in self.layers)
         for fl in self.layers:
             fl.b_out = fl.b_out[:-2] if not fl.last else None
 
     def invert(self, Z: torch.Tensor, cond: torch.Tensor | None, batch: int, width: int) -> torch.Tensor:
-        """Z (h, N) with N = batch·width, cond (h, C, N) already in this flow's row order -> X (h, N)."""
+        """Z (h, N) with N = batch·width, cond (h, C + 1, N) already in this flow's row order, its last
+        channel all ones (the bias), -> X (h, N)."""
         h, N = Z.shape
         r = self.r
         caches = [Z.new_zeros(fl.ring, r, N) for fl in self.layers]
@@ -101,19 +104,16 @@ class _FoldedFlow:
             j = i - 1
             # each layer's input row is written straight into its ring slot (rows before 0 stay zero)
             u = torch.addmm(self.b_start, self.w_start, rows[j][None], out=caches[0][j % self.layers[0].ring])
-            if self.W_cond is not None:
-                pre_all = torch.addmm(self.bias_pre.view(-1, 1), self.W_cond, cond[i]).view(self.n_layers, 2 * r, N)
-            else:
-                pre_all = self.bias_pre.expand(self.n_layers, 2 * r, N)
+            pre_all = torch.mm(self.W_cond, cond[i]).view(self.n_layers, 2 * r, N)  # written in place below
             out_acc = self.b_end.expand(2, N)
             for l, (fl, cache, pre_c) in enumerate(zip(self.layers, caches, pre_all)):
                 d = fl.dh
                 torch.cat([cache[(j - 2 * d) % fl.ring], cache[(j - d) % fl.ring], u], out=stack[:3 * r])
                 if fl.s4:
                     stack[3 * r:] = RowS4.apply_spectrum(u.view(r, batch, width), fl.spectrum, fl.D).view(r, N)
-                    pre = torch.addmm(pre_c, fl.W_centre, stack)
+                    pre = pre_c.addmm_(fl.W_centre, stack)
                 else:
-                    pre = torch.addmm(pre_c, fl.W_centre, stack[:3 * r])
+                    pre = pre_c.addmm_(fl.W_centre, stack[:3 * r])
                     dw = fl.dw
                     if dw < width:
                         sides = torch.mm(fl.W_sides, stack[:3 * r]).view(2, 2 * r, batch, width)
@@ -151,14 +151,16 @@ class FastInverse:
         w = n // h
         flows = [_FoldedFlow(net, w) for net in model.flows]
         X = squeeze(z[:, None], h)[:, 0].permute(1, 0, 2).reshape(h, B * w)  # (h, B·w)
-        cond_t = None
-        if cond is not None:  # (h, C, B·w): each row's condition is one contiguous (C, B·w) slice
-            cond_t = cond.permute(2, 1, 0, 3).reshape(h, cond.shape[1], B * w)
+        # (h, C + 1, B·w): each row's condition is one contiguous slice, with a row of ones for the biases
+        C = 0 if cond is None else cond.shape[1]
+        cond_t = z.new_ones(h, C + 1, B * w)
+        if cond is not None:
+            cond_t[:, :C] = cond.permute(2, 1, 0, 3).reshape(h, C, B * w)
         n_flows = len(flows)
         for k in reversed(range(n_flows)):
             if k < n_flows - 1:
                 X = X[torch.argsort(model.perms[k])]
-            cond_k = None if cond_t is None else cond_t[model.cond_rows[k]]
+            cond_k = cond_t[model.cond_rows[k]] if C else cond_t
             X = flows[k].invert(X, cond_k, B, w)
         x = unsqueeze(X.view(h, B, 1, w).permute(1, 2, 0, 3))[:, 0]
         return (x, sum(f.log_s_sum for f in flows)) if return_log_s else x
