@@ -101,8 +101,17 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    from .pipelines.waveflow import evaluate_checkpoint, is_waveflow_checkpoint
     from .training.evaluate import evaluate
 
+    if is_waveflow_checkpoint(args.ckpt):  # NLL in nats/sample (and bits) over the split
+        try:
+            evaluate_checkpoint(args.ckpt, args.data or "builtin", split=args.split, batch_size=args.batch_size,
+                                n_items=args.n_items, json_path=args.json)
+        except (ValueError, FileNotFoundError, FloatingPointError) as e:
+            print(f"sashimi eval: error: {e}", file=sys.stderr)
+            return 1
+        return 0
     try:
         evaluate(args.ckpt, args.data, split=args.split, batch_size=args.batch_size, json_path=args.json,
                  use_ema=args.use_ema, preset=args.preset, n_items=args.n_items, num_workers=args.num_workers,

@@ -92,3 +92,16 @@ def test_cli_generate_for_an_unconditional_flow(tmp_path, capsys):
     assert len(record["samples"]) == 2 and record["throughput"]["generated_samples"] == 2 * 800
     rc = main(["vocode", "--ckpt", str(tmp_path / "model"), "--in", "x.wav", "--out", str(tmp_path)])
     assert rc == 1 and "unconditional" in capsys.readouterr().err
+
+
+def test_cli_eval_reports_nats_per_sample(tmp_path, capsys):
+    model = WaveFlow(tiny(sample_len=1024))  # at init: the Gaussian NLL of the (dequantised) audio
+    model.save_pretrained(str(tmp_path / "model"))
+    rc = main(["eval", "--ckpt", str(tmp_path / "model"), "--data", "builtin", "--n-items", "2",
+               "--batch-size", "2", "--json", str(tmp_path / "test.json")])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    result = json.load(open(tmp_path / "test.json"))
+    assert "nats/sample" in out and result["n_samples"] > 0
+    assert result["nll_bits_per_sample"] == pytest.approx(result["nll_nats_per_sample"] / np.log(2))
+    assert result["nll_nats_per_sample"] > 0.5 * np.log(2 * np.pi)  # a Gaussian N(0, 1) fits quiet audio badly
