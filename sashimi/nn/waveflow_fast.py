@@ -35,6 +35,9 @@ class _FoldedLayer:
         r = layer.channels
         self.r, self.dh, self.dw, self.last = r, layer.dh, layer.dw, layer.last
         self.ring = 2 * layer.dh + 1
+        # with d_h = 1 the ring is stored twice over (slots s and s + 3), so rows j-2, j-1, j are always
+        # three adjacent slots: the GEMM reads them in place instead of from a stacked copy
+        self.doubled = layer.dh == 1 and layer.width_model == "conv"
         gate = torch.ones(2 * r, 1, dtype=W_end.dtype)
         gate[:r] = 2.0
         W = layer.conv.weight.detach() * scale * gate[:, :, None, None]  # (2r, r, 3, kw), weight norm folded
@@ -96,7 +99,7 @@ class _FoldedFlow:
         channel all ones (the bias), -> X (h, N)."""
         h, N = Z.shape
         r = self.r
-        caches = [Z.new_zeros(fl.ring, r, N) for fl in self.layers]
+        caches = [Z.new_zeros(2 * fl.ring if fl.doubled else fl.ring, r, N) for fl in self.layers]
         self.log_s_sum = Z.new_zeros(batch)  # Σ log_s per example: log p(x) = log N(z) + Σ log_s
         stack = Z.new_empty(4 * r, N)
         rows = [Z[0]]
@@ -108,15 +111,21 @@ class _FoldedFlow:
             out_acc = self.b_end.expand(2, N)
             for l, (fl, cache, pre_c) in enumerate(zip(self.layers, caches, pre_all)):
                 d = fl.dh
-                torch.cat([cache[(j - 2 * d) % fl.ring], cache[(j - d) % fl.ring], u], out=stack[:3 * r])
+                if fl.doubled:
+                    slot = j % 3
+                    cache[slot + 3] = u
+                    rows3 = cache[slot + 1:slot + 4].view(3 * r, N)
+                else:
+                    torch.cat([cache[(j - 2 * d) % fl.ring], cache[(j - d) % fl.ring], u], out=stack[:3 * r])
+                    rows3 = stack[:3 * r]
                 if fl.s4:
                     stack[3 * r:] = RowS4.apply_spectrum(u.view(r, batch, width), fl.spectrum, fl.D).view(r, N)
                     pre = pre_c.addmm_(fl.W_centre, stack)
                 else:
-                    pre = pre_c.addmm_(fl.W_centre, stack[:3 * r])
+                    pre = pre_c.addmm_(fl.W_centre, rows3)
                     dw = fl.dw
                     if dw < width:
-                        sides = torch.mm(fl.W_sides, stack[:3 * r]).view(2, 2 * r, batch, width)
+                        sides = torch.mm(fl.W_sides, rows3).view(2, 2 * r, batch, width)
                         pre3 = pre.view(2 * r, batch, width)
                         pre3[..., dw:] += sides[0, ..., :-dw]
                         pre3[..., :-dw] += sides[1, ..., dw:]
