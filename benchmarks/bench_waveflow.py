@@ -44,9 +44,10 @@ def sgemm_gflops(n: int = 2048, repeats: int = 5):
     return 2 * n ** 3 / statistics.median(times) / 1e9, 2 * n ** 3 / min(cpu) / 1e9
 
 
-def timed(fn, repeats: int):
+def timed(fn, repeats: int, warmup: bool = True):
     """(median wall s, best wall s, best CPU s of this process, last output)."""
-    fn()  # warm-up (kernel spectra, allocator)
+    if warmup:
+        fn()  # kernel spectra, allocator
     times, cpu = [], []
     for _ in range(repeats):
         t, c = time.perf_counter(), time.process_time()
@@ -74,7 +75,7 @@ def row(label, mode, timing, samples, rate, flop_per_sample, sgemm):
           f"{samples / cpu / rate:.3f} | {100 * cpu_gflops / sgemm[1]:.0f} % |", flush=True)
 
 
-def bench_ours(name, modes, seconds, repeats, sgemm):
+def bench_ours(name, modes, seconds, repeats, train_repeats, sgemm):
     config = PRESETS[name]
     model = perturbed(WaveFlow(config))
     rate, hop = config.sample_rate, config.hop_length
@@ -97,12 +98,12 @@ def bench_ours(name, modes, seconds, repeats, sgemm):
                 (loss_sum / count).backward()
                 model.zero_grad(set_to_none=True)
 
-            *timing, _ = timed(step, max(1, repeats - 1))
+            *timing, _ = timed(step, train_repeats, warmup=False)
             row(name, "train fwd+bwd batch 1", timing, 15872, rate, 3 * flops, sgemm)
             model.eval()
 
 
-def bench_l0sg(path, modes, seconds, repeats, sgemm):
+def bench_l0sg(path, modes, seconds, repeats, train_repeats, sgemm):
     sys.path.insert(0, path)
     from models.waveflow import WaveFlow as L0SGWaveFlow  # type: ignore
 
@@ -131,7 +132,7 @@ def bench_l0sg(path, modes, seconds, repeats, sgemm):
                 loss.backward()
                 model.zero_grad(set_to_none=True)
 
-            *timing, _ = timed(step, max(1, repeats - 1))
+            *timing, _ = timed(step, train_repeats, warmup=False)
             row("L0SG h16-r64", "train fwd+bwd batch 1", timing, 15872, rate, 3 * flops, sgemm)
 
 
@@ -143,6 +144,7 @@ def main():
     p.add_argument("--seconds", type=float, default=1.0, help="audio per vocoded clip")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--train-repeats", type=int, default=1, help="timed training steps (no warm-up step)")
     p.add_argument("--l0sg", default=None, help="L0SG/WaveFlow checkout to run beside ours")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -156,9 +158,9 @@ def main():
           "| best CPU s | x real time per CPU-s | of sgemm per CPU-s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in args.presets:
-        bench_ours(name, args.modes, args.seconds, args.repeats, sgemm)
+        bench_ours(name, args.modes, args.seconds, args.repeats, args.train_repeats, sgemm)
     if args.l0sg:
-        bench_l0sg(args.l0sg, args.modes, args.seconds, args.repeats, sgemm)
+        bench_l0sg(args.l0sg, args.modes, args.seconds, args.repeats, args.train_repeats, sgemm)
     end = sgemm_gflops()
     load = os.getloadavg()
     print(f"sgemm at end: {end[0]:.1f} GFLOP/s wall, {end[1]:.1f} GFLOP per CPU-s; load {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} "
