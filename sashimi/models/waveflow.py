@@ -20,6 +20,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint as checkpoint_call
 
 from ..nn.mel import LogMel
+from ..objectives.base import Objective
+from ..objectives.waveflow import waveflow_objective
+from .config import ConfigMixin
+from .pretrained import PretrainedMixin
+from .registry import register_family
 from ..nn.waveflow import (WIDTH_MODELS, FlowNet, MelUpsampler, height_dilations, squeeze, unsqueeze,
                            upsample_strides, width_dilations)
 
@@ -36,7 +41,7 @@ def _check_int(name, value, low=1):
 
 
 @dataclass
-class WaveFlowConfig:
+class WaveFlowConfig(ConfigMixin):
     """Everything needed to rebuild a WaveFlow. `h` is the squeeze height (rows); None dilations take
     the rules of sashimi.nn.waveflow (height: cover h; width: 1, 2, ..., 128). width_model "conv" is
     the paper's 3x3 network, "s4" the bidirectional S4 layer along rows (s4_mode "diag" = S4D or
@@ -73,8 +78,7 @@ class WaveFlowConfig:
     dequantize_step: float = 2.0 ** -15
 
     def __post_init__(self):
-        if self.family != "waveflow":
-            raise ValueError(f"WaveFlowConfig.family must be 'waveflow', got {self.family!r}")
+        self.check_family("waveflow")
         for name in ("h", "n_flows", "n_layers", "residual_channels", "sample_rate", "sample_len", "d_state"):
             _check_int(name, getattr(self, name), 2 if name == "h" else 1)
         if self.width_model not in WIDTH_MODELS:
@@ -127,26 +131,6 @@ class WaveFlowConfig:
     def s4_kwargs(self) -> dict:
         return {"d_state": self.d_state, "mode": self.s4_mode, "lr": self.ssm_lr}
 
-    def replace(self, **changes) -> "WaveFlowConfig":
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        for name in ("height_dilations", "width_dilations", "upsample_strides"):
-            if d[name] is not None:
-                d[name] = list(d[name])
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "WaveFlowConfig":
-        if not isinstance(d, dict):
-            raise TypeError(f"a model configuration must be a dict, got {type(d).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown WaveFlow configuration keys {unknown}; expected a subset of {sorted(known)}")
-        return cls(**d)
-
 
 PRESETS = {
     # the paper's small model: h = 16, r = 64, 8 flows x 8 layers (5.93M parameters)
@@ -174,8 +158,11 @@ def row_permutation(h: int, flow: int, n_flows: int, kind: str = "paper") -> tor
     return torch.cat([rows[:half].flip(0), rows[half:].flip(0)])
 
 
-class WaveFlow(nn.Module):
+class WaveFlow(PretrainedMixin, nn.Module):
     """WaveFlow: x (B, n) [and log-mel (B, n_mels, n // hop)] <-> z (B, n), n a multiple of h."""
+
+    # the loss sums over the batch's real samples (the default count): padding to whole columns is masked
+    objective = Objective(waveflow_objective, metric="nll", unit="nats/sample", summary_key="nll_nats_per_sample")
 
     def __init__(self, config: WaveFlowConfig):
         super().__init__()
@@ -213,7 +200,7 @@ class WaveFlow(nn.Module):
                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
         if x.shape[1] % self.h or x.shape[1] == 0:
             raise ValueError(f"{name} has {x.shape[1]} samples: WaveFlow with h={self.h} needs a positive "
-                             f"multiple of h (crop or pad the audio; sashimi.objectives.waveflow crops)")
+                             f"multiple of h (crop or pad the audio; sashimi.objectives.waveflow pads and masks)")
         if not bool(torch.isfinite(x).all()):
             raise ValueError(f"{name} contains NaN or infinite values")
 
@@ -328,35 +315,6 @@ class WaveFlow(nn.Module):
             rows.append((Z[:, :, i:i + 1] - b[:, :, -1:]) * torch.exp(-log_s[:, :, -1:]))
         return torch.cat(rows, dim=2)
 
-    # ------------------------------------------------------------------ shareable format
-    def save_pretrained(self, directory: str) -> None:
-        """config.json + model.safetensors (no pickle: loading runs no code)."""
-        import json
-        import os
-
-        from safetensors.torch import save_file
-
-        os.makedirs(directory, exist_ok=True)
-        with open(os.path.join(directory, "config.json"), "w") as f:
-            json.dump(self.config.to_dict(), f, indent=1)
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, os.path.join(directory, "model.safetensors"))
-
-    @classmethod
-    def from_pretrained(cls, directory: str) -> "WaveFlow":
-        import json
-        import os
-
-        from safetensors.torch import load_file
-
-        with open(os.path.join(directory, "config.json")) as f:
-            config = WaveFlowConfig.from_dict(json.load(f))
-        model = cls(config)
-        try:
-            model.load_state_dict(load_file(os.path.join(directory, "model.safetensors")))
-        except RuntimeError as e:
-            raise ValueError(f"{directory}: the weights do not fit its config.json ({e})") from e
-        return model
-
     @torch.no_grad()
     def sample(self, mel: torch.Tensor | None = None, temperature: float = 1.0, length: int | None = None,
                batch_size: int | None = None, generator: torch.Generator | None = None,
@@ -377,3 +335,6 @@ class WaveFlow(nn.Module):
         param = next(self.parameters())
         z = torch.randn(B, n, generator=generator, device=param.device, dtype=param.dtype)
         return self.inverse(z * (temperature * c.sigma), mel, method=method)
+
+
+register_family("waveflow", WaveFlowConfig, WaveFlow, PRESETS)

@@ -80,22 +80,17 @@ class WaveFlowResult:
 def load_waveflow(path: str, use_ema: bool = True) -> WaveFlow:
     """A WaveFlow from a shareable folder (config.json + model.safetensors), a training run folder (its
     best.pt, else last.pt) or a checkpoint file."""
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
-        return WaveFlow.from_pretrained(path)
+    from ..models.pretrained import WEIGHTS_NAME, from_pretrained
     from ..training.checkpoint import (BEST_CHECKPOINT, LAST_CHECKPOINT, CheckpointError, load_checkpoint,
-                                       resolve_checkpoint)
+                                       model_from_checkpoint, resolve_checkpoint)
 
-    file = resolve_checkpoint(path, prefer=(BEST_CHECKPOINT, LAST_CHECKPOINT))
-    state = load_checkpoint(file)
-    family = state.get("model_config", {}).get("family")
-    if family != "waveflow":
-        raise CheckpointError(f"{file} holds a {family or 'autoregressive'} model, not a WaveFlow")
-    model = WaveFlow(WaveFlowConfig.from_dict(state["model_config"]))
-    weights = state["ema"] if use_ema and state.get("ema") is not None else state["model"]
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as e:
-        raise CheckpointError(f"{file}: weights do not fit its WaveFlow config: {e}") from e
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, WEIGHTS_NAME)):
+        model = from_pretrained(path)
+    else:
+        file = resolve_checkpoint(path, prefer=(BEST_CHECKPOINT, LAST_CHECKPOINT))
+        model = model_from_checkpoint(load_checkpoint(file), use_ema=use_ema, path=file)
+    if not isinstance(model, WaveFlow):
+        raise CheckpointError(f"{path} holds a {model.config.family} model, not a WaveFlow")
     return model
 
 
@@ -246,53 +241,13 @@ def generate_files(ckpt: str, out: str | None, n: int, seconds: float, temperatu
 
 def is_waveflow_checkpoint(ckpt: str) -> bool:
     """Whether a --ckpt argument names a WaveFlow (shareable folder, run folder or checkpoint file)."""
-    import json
+    from ..models.pretrained import WEIGHTS_NAME, read_pretrained_config
+    from ..training.checkpoint import BEST_CHECKPOINT, LAST_CHECKPOINT, load_checkpoint, resolve_checkpoint
 
-    if os.path.isdir(ckpt) and os.path.isfile(os.path.join(ckpt, "config.json")):
-        with open(os.path.join(ckpt, "config.json")) as f:
-            return json.load(f).get("family") == "waveflow"
     try:
-        from ..training.checkpoint import BEST_CHECKPOINT, LAST_CHECKPOINT, load_checkpoint, resolve_checkpoint
-
+        if os.path.isdir(ckpt) and os.path.isfile(os.path.join(ckpt, WEIGHTS_NAME)):
+            return read_pretrained_config(ckpt).get("family") == "waveflow"
         state = load_checkpoint(resolve_checkpoint(ckpt, prefer=(BEST_CHECKPOINT, LAST_CHECKPOINT)))
     except (OSError, ValueError):
         return False
     return state.get("model_config", {}).get("family") == "waveflow"
-
-
-@torch.no_grad()
-def evaluate_checkpoint(ckpt: str, data: str = "builtin", split: str = "test", batch_size: int = 4,
-                        n_items: int | None = None, json_path: str | None = None, seed: int = 0, log=print) -> dict:
-    """`sashimi eval` for a WaveFlow: NLL in nats (and bits) per sample over a data split, with the
-    objective's dequantisation noise drawn from `seed` (the same seed gives the same figure)."""
-    from torch.utils.data import DataLoader
-
-    from ..data.datasets import make_dataset
-    from ..objectives.waveflow import waveflow_objective
-
-    model = load_waveflow(ckpt).eval()
-    c = model.config
-    log(f"sashimi eval: {ckpt}: {_describe(model)}")
-    dataset = make_dataset(data, split, sample_rate=c.sample_rate, sample_len=c.sample_len, quantization=None,
-                           waveform=True, n_items=n_items)
-    torch.manual_seed(seed)
-    total, count = 0.0, 0
-    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        loss_sum, n, _ = waveflow_objective(model, batch)
-        total += float(loss_sum)
-        count += int(n)
-    if count == 0:
-        raise ValueError(f"the {split!r} split of {data!r} has no audio samples to evaluate")
-    nll = total / count
-    if not math.isfinite(nll):
-        raise FloatingPointError(f"the NLL of {ckpt} on {split!r} is not finite ({nll})")
-    result = {"nll_nats_per_sample": nll, "nll_bits_per_sample": nll / LN2, "n_samples": count,
-              "n_items": len(dataset), "split": split, "data": str(data), "checkpoint": os.path.abspath(ckpt),
-              "dequantize_step": c.dequantize_step, "seed": seed}
-    log(f"{split}: {nll:.4f} nats/sample ({nll / LN2:.4f} bits/sample) over {count:,} samples ({len(dataset):,} items)")
-    if json_path:
-        from ..training.runtime import write_json
-
-        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
-        write_json(json_path, result)
-    return result

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sashimi.models.waveflow import WaveFlow, WaveFlowConfig
-from sashimi.objectives.waveflow import prepare, usable_length, waveflow_objective
+from sashimi.objectives.waveflow import padded_lengths, prepare, waveflow_objective
 
 
 def tiny(**kw):
@@ -14,16 +14,17 @@ def tiny(**kw):
                              "n_fft": 256, "win_length": 256, "sample_rate": 16000, **kw})
 
 
-def test_objective_at_init_is_the_gaussian_nll_of_the_cropped_audio():
+def test_objective_at_init_is_the_gaussian_nll_of_the_audio():
     torch.manual_seed(0)
     model = WaveFlow(tiny(dequantize_step=0.0)).double()
-    wav = 0.2 * torch.randn(2, 1000, dtype=torch.float64)
-    loss_sum, count, metrics = waveflow_objective(model, {"wav": wav, "mask": torch.ones(2, 1000, dtype=torch.bool)})
-    n = usable_length(model.config, 1000)
-    assert n == 960 and int(count) == 2 * n
-    expected = -torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64), 1.0).log_prob(wav[:, :n]).sum()
+    wav = 0.2 * torch.randn(2, 1001, dtype=torch.float64)  # padded to 1008 (h = 8), the mel to 1024 (hop 64)
+    assert padded_lengths(model.config, 1001) == (1008, 1024)
+    loss_sum, count, metrics = waveflow_objective(model, {"wav": wav, "mask": torch.ones(2, 1001, dtype=torch.bool)})
+    assert int(count) == 2 * 1001
+    expected = -torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64), 1.0).log_prob(wav).sum()
     torch.testing.assert_close(loss_sum, expected)
-    assert metrics["nll_bits"] == pytest.approx(metrics["nll"] / math.log(2))
+    torch.testing.assert_close(metrics["nll"], expected)  # metrics are sums over the same count
+    assert float(metrics["nll_bits"]) == pytest.approx(float(metrics["nll"]) / math.log(2))
 
 
 def test_padding_is_excluded():
@@ -40,6 +41,9 @@ def test_padding_is_excluded():
 
 def test_silence_gives_a_finite_loss_and_short_clips_a_clear_error():
     model = WaveFlow(tiny())
+    model.eval()
+    first = waveflow_objective(model, {"wav": torch.zeros(2, 512)})[0]
+    assert torch.equal(first, waveflow_objective(model, {"wav": torch.zeros(2, 512)})[0])  # eval: fixed noise
     loss_sum, count, _ = waveflow_objective(model, {"wav": torch.zeros(2, 512)})
     assert torch.isfinite(loss_sum)
     with pytest.raises(ValueError, match="too short"):
