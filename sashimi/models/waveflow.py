@@ -20,8 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint as checkpoint_call
 
 from ..nn.mel import LogMel
-from ..objectives.base import Objective
-from ..objectives.waveflow import waveflow_objective
+from ..objectives.waveflow import WAVEFLOW
 from .config import ConfigMixin
 from .pretrained import PretrainedMixin
 from .registry import register_family
@@ -161,8 +160,7 @@ def row_permutation(h: int, flow: int, n_flows: int, kind: str = "paper") -> tor
 class WaveFlow(PretrainedMixin, nn.Module):
     """WaveFlow: x (B, n) [and log-mel (B, n_mels, n // hop)] <-> z (B, n), n a multiple of h."""
 
-    # the loss sums over the batch's real samples (the default count): padding to whole columns is masked
-    objective = Objective(waveflow_objective, metric="nll", unit="nats/sample", summary_key="nll_nats_per_sample")
+    objective = WAVEFLOW
 
     def __init__(self, config: WaveFlowConfig):
         super().__init__()

@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from .base import Objective
+
 LN2 = math.log(2.0)
 
 
@@ -59,3 +61,7 @@ def waveflow_objective(model, batch: dict):
     count = mask.sum()
     nll = loss_sum.detach()
     return loss_sum, count, {"nll": nll, "nll_bits": nll / LN2}
+
+
+# the loss sums over the batch's real samples (the default count): the padding to whole columns is masked
+WAVEFLOW = Objective(waveflow_objective, metric="nll", unit="nats/sample", summary_key="nll_nats_per_sample")
