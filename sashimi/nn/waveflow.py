@@ -25,6 +25,13 @@ PAPER_HEIGHT_DILATIONS = {32: (1, 2, 4, 1, 2, 4, 1, 2), 64: (1, 2, 4, 8, 16, 1, 
 WIDTH_MODELS = ("conv", "s4")
 
 
+def weight_normed(conv: nn.Module) -> nn.Module:
+    """Weight norm on a conv whose direction starts Kaiming-normal (std sqrt(2 / fan_in)), as in the
+    public WaveFlow codes: larger than torch's default init, it trains markedly faster early on."""
+    nn.init.kaiming_normal_(conv.weight)
+    return weight_norm(conv)
+
+
 def height_receptive_field(dilations, kernel_size: int = 3) -> int:
     """Rows seen by one output row of a stack of causal height convolutions (itself included)."""
     return 1 + (kernel_size - 1) * sum(dilations)
@@ -79,7 +86,7 @@ class MelUpsampler(nn.Module):
     def __init__(self, strides):
         super().__init__()
         self.strides = tuple(int(s) for s in strides)
-        self.convs = nn.ModuleList(weight_norm(nn.ConvTranspose2d(1, 1, (3, 2 * s), stride=(1, s), padding=(1, 0)))
+        self.convs = nn.ModuleList(weight_normed(nn.ConvTranspose2d(1, 1, (3, 2 * s), stride=(1, s), padding=(1, 0)))
                                    for s in self.strides)
 
     def forward(self, mel: torch.Tensor) -> torch.Tensor:
@@ -133,13 +140,13 @@ class FlowLayer(nn.Module):
         r = channels
         self.channels, self.dh, self.dw, self.width_model, self.last = r, height_dilation, width_dilation, width_model, last
         if width_model == "conv":
-            self.conv = weight_norm(nn.Conv2d(r, 2 * r, (3, 3), dilation=(height_dilation, width_dilation)))
+            self.conv = weight_normed(nn.Conv2d(r, 2 * r, (3, 3), dilation=(height_dilation, width_dilation)))
         else:
-            self.conv = weight_norm(nn.Conv2d(r, 2 * r, (3, 1), dilation=(height_dilation, 1)))
+            self.conv = weight_normed(nn.Conv2d(r, 2 * r, (3, 1), dilation=(height_dilation, 1)))
             self.row_s4 = RowS4(r, **(s4 or {}))
-            self.mix = weight_norm(nn.Conv2d(r, 2 * r, 1, bias=False))
-        self.cond = weight_norm(nn.Conv2d(cond_channels, 2 * r, 1)) if cond_channels else None
-        self.res_skip = weight_norm(nn.Conv2d(r, r if last else 2 * r, 1))
+            self.mix = weight_normed(nn.Conv2d(r, 2 * r, 1, bias=False))
+        self.cond = weight_normed(nn.Conv2d(cond_channels, 2 * r, 1)) if cond_channels else None
+        self.res_skip = weight_normed(nn.Conv2d(r, r if last else 2 * r, 1))
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None):
         """x (B, r, H, W), cond (B, C, H, W) or None -> (next x, skip)."""
@@ -171,7 +178,7 @@ class FlowNet(nn.Module):
         self.channels, self.n_layers, self.cond_channels = channels, n_layers, cond_channels
         self.height_dilations, self.width_dilations = tuple(height_dilations), tuple(width_dilations)
         self.width_model = width_model
-        self.start = weight_norm(nn.Conv2d(1, channels, 1))
+        self.start = weight_normed(nn.Conv2d(1, channels, 1))
         self.layers = nn.ModuleList(
             FlowLayer(channels, cond_channels, dh, dw, width_model, last=i == n_layers - 1, s4=s4)
             for i, (dh, dw) in enumerate(zip(self.height_dilations, self.width_dilations)))
