@@ -180,7 +180,17 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_generate(args: argparse.Namespace) -> int:
     from .pipelines.from_checkpoint import generate_from_checkpoint
+    from .pipelines.waveflow import generate_files, is_waveflow_checkpoint
 
+    if is_waveflow_checkpoint(args.ckpt):  # an unconditional WaveFlow: no prompt or token sampling flags
+        try:
+            if args.prefix is not None or args.top_k or args.top_p != 1.0:
+                raise ValueError("--prefix, --top-k and --top-p apply to autoregressive models, not to a WaveFlow")
+            generate_files(args.ckpt, args.out, args.n, args.seconds, args.temperature, args.seed, fast=args.fast)
+        except (ValueError, OSError) as e:
+            print(f"sashimi generate: error: {_one_line(e)}", file=sys.stderr)
+            return 1
+        return 0
     try:
         result, paths = generate_from_checkpoint(
             args.ckpt, args.out, n=args.n, seconds=args.seconds, temperature=args.temperature, top_k=args.top_k,
@@ -193,6 +203,32 @@ def run_generate(args: argparse.Namespace) -> int:
         print("sashimi generate: interrupted; nothing written", file=sys.stderr)
         return 130
     _print_generation(result, paths)
+    return 0
+
+
+# ----------------------------------------------------------------------------- vocode
+
+
+def add_vocode_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ckpt", required=True, help="WaveFlow vocoder: run directory, checkpoint file or "
+                        "shareable folder (config.json + model.safetensors)")
+    parser.add_argument("--in", dest="inputs", nargs="+", required=True, metavar="FILE",
+                        help="audio files (wav -> log-mel -> wav) or .npy log-mel arrays (n_mels, frames)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder: one listening page per input")
+    parser.add_argument("--temperature", type=float, default=1.0, help="scale of the prior's noise (default: 1)")
+    parser.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
+    parser.add_argument("--plain", dest="fast", action="store_false",
+                        help="invert with the plain oracle instead of the row-cached fast path")
+
+
+def run_vocode(args: argparse.Namespace) -> int:
+    from .pipelines.waveflow import vocode_files
+
+    try:
+        vocode_files(args.ckpt, args.inputs, args.out, args.temperature, args.seed, fast=args.fast)
+    except (ValueError, OSError) as e:  # checkpoints, audio files, mel shapes
+        print(f"sashimi vocode: error: {_one_line(e)}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -259,6 +295,7 @@ COMMANDS = {
     "train": (add_train_arguments, run_train, "train a model (or --resume a run); torchrun for many processes"),
     "eval": (add_eval_arguments, run_eval, "NLL in bits/sample of a checkpoint over a data split"),
     "generate": (add_generate_arguments, run_generate, "sample audio from a checkpoint: WAVs, samples.json, index.html"),
+    "vocode": (add_vocode_arguments, run_vocode, "WaveFlow vocoder: wav files or log-mel arrays -> audio and a listening page"),
     "export": (add_export_arguments, run_export, "write a checkpoint as a shareable model folder "
                "(config.json + model.safetensors; EMA weights when present)"),
     "demo": (add_demo_arguments, run_demo, "train the tiny model for a few minutes, then generate a listening page"),
