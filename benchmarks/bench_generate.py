@@ -1,10 +1,10 @@
-"""Generation throughput of WaveformAR: eager step loop vs the fused engine (sashimi.fast_step).
+"""Generation throughput of WaveformAR: eager step loop vs the fused engine (sashimi.pipelines.fast_step).
 
 Prints a table of samples/s (median of --repeats runs, wall clock), the real-time factor at the
 model's rate (16 kHz), samples per CPU-second (the machine is shared: wall time includes other
 jobs' time slices), the flop count per generated sample and the implied GFLOP/s against the
 machine's peak. float32, torch.set_num_threads(--threads) for the fused engine (it splits a
-batch over the threads); the eager loop runs on one thread, as sashimi.generate runs it.
+batch over the threads); the eager loop runs on one thread, as sashimi.pipelines.generate runs it.
 
     python benchmarks/bench_generate.py                 # the issue's three cases
     python benchmarks/bench_generate.py --quick         # fewer steps and repeats
@@ -33,8 +33,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from sashimi import build_model  # noqa: E402
-from sashimi.fast_step import FastPathUnavailable, FastStepper  # noqa: E402
-from sashimi.sampling import sample  # noqa: E402
+from sashimi.pipelines.fast_step import FastPathUnavailable, FastStepper  # noqa: E402
+from sashimi.pipelines.sampling import sample  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------- flops
@@ -121,7 +121,7 @@ def time_fast(model, batch_size, steps, repeats):
 
 @torch.no_grad()
 def time_eager(model, batch_size, steps, repeats):
-    """The eager loop as sashimi.generate runs it: one torch thread (a step is hundreds of tiny ops;
+    """The eager loop as sashimi.pipelines.generate runs it: one torch thread (a step is hundreds of tiny ops;
     more threads only add synchronisation, badly so on a loaded machine)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -48,7 +48,7 @@ def run_case(preset: str, batch_size: int, steps: int, warmup: int, sample_len: 
 
     sys.path.insert(0, REPO)
     from s4lib import param_groups
-    from sashimi.model import build_model, count_parameters
+    from sashimi.models.autoregressive import build_model, count_parameters
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

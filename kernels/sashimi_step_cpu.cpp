@@ -6,7 +6,7 @@
 //   token -> embedding row -> level 0 -> LayerNorm -> head -> logits
 //   level i (pool p_i, width H_i):  [down blocks, U-Net only] -> up path using pending[phase] ->
 //       buffer[phase] = x; on the p-th input the DownPool fires, level i + 1 runs one step and the
-//       UpPool refills pending (exactly sashimi.backbone.SaShiMi._step_level)
+//       UpPool refills pending (exactly sashimi.nn.backbone.SaShiMi._step_level)
 //   centre: y = blocks(x) + x
 //   S4 block: LayerNorm -> SSM step (+ D u) -> GELU -> Linear(H, 2H) -> GLU -> + residual
 //   FF block: LayerNorm -> Linear(H, ff H) -> GELU -> Linear(ff H, H) -> + residual

@@ -4,7 +4,7 @@
     sashimi train --out runs/tiny --resume --max-steps 600
     sashimi eval --ckpt runs/tiny --data builtin --split test --json runs/tiny/test.json
 
-The CLI only wires flags to sashimi.train.train and sashimi.evaluate.evaluate.
+The CLI only wires flags to sashimi.training.loop.train and sashimi.training.evaluate.evaluate.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def _flag_type(annotation):
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field (--max-steps for max_steps, ...), help from the field."""
-    from .train import TrainConfig
+    from .training.loop import TrainConfig
 
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
@@ -55,7 +55,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from .train import CheckpointError, NonFiniteLossError, TrainConfig, train
+    from .training.loop import CheckpointError, NonFiniteLossError, TrainConfig, train
 
     given = {k: v for k, v in vars(args).items() if k not in ("command", "func")}
     if "debug_nonfinite_steps" in given:
@@ -101,7 +101,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate
+    from .training.evaluate import evaluate
 
     try:
         evaluate(args.ckpt, args.data, split=args.split, batch_size=args.batch_size, json_path=args.json,
@@ -123,7 +123,7 @@ def _one_line(error: BaseException) -> str:
 
 def _check_generate_flags(args: argparse.Namespace) -> None:
     """Flag errors before anything is loaded (ValueError naming the flag)."""
-    from .sampling import check_sampling
+    from .pipelines.sampling import check_sampling
 
     check_sampling(args.temperature, args.top_k, args.top_p)
     if args.n < 1:
@@ -140,11 +140,11 @@ def _generate_to_folder(args: argparse.Namespace, info: dict | None = None, titl
     """Checkpoint -> Generator -> WAVs, samples.json, index.html in args.out: (result, report paths)."""
     import warnings
 
-    from .audio import probe_audio
-    from .generate import FastPathWarning, Generator
-    from .model import describe
-    from .report import write_report
-    from .train import BEST_CHECKPOINT, LAST_CHECKPOINT, load_checkpoint, model_from_checkpoint, resolve_checkpoint
+    from .data.audio import probe_audio
+    from .pipelines.generate import FastPathWarning, Generator
+    from .models.autoregressive import describe
+    from .pipelines.report import write_report
+    from .training.loop import BEST_CHECKPOINT, LAST_CHECKPOINT, load_checkpoint, model_from_checkpoint, resolve_checkpoint
 
     path = resolve_checkpoint(args.ckpt, prefer=(BEST_CHECKPOINT, LAST_CHECKPOINT))
     state = load_checkpoint(path)
@@ -236,7 +236,7 @@ def _demo_step_seconds(threads: int, give_up_after: float | None = None) -> floa
 
     import torch
 
-    from .model import build_model
+    from .models.autoregressive import build_model
 
     torch.set_num_threads(threads)
     model = build_model(_DEMO_TRAIN["preset"], sample_len=_DEMO_TRAIN["sample_len"])
@@ -260,8 +260,8 @@ def run_demo(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .evaluate import evaluate
-    from .train import LAST_CHECKPOINT, NonFiniteLossError, TrainConfig, read_metrics, train
+    from .training.evaluate import evaluate
+    from .training.loop import LAST_CHECKPOINT, NonFiniteLossError, TrainConfig, read_metrics, train
 
     t_start = time.time()
     run_dir, samples_dir = os.path.join(args.out, "run"), os.path.join(args.out, "samples")

@@ -1,6 +1,6 @@
 """Listening page for generated audio: WAV files, spectrogram PNGs, samples.json and an offline index.html.
 
-    from sashimi.report import write_report
+    from sashimi.pipelines.report import write_report
     paths = write_report("samples/", result, info={"checkpoint": "runs/tiny/best.pt"})
     paths["index"]   # samples/index.html: open it in a browser, no network needed
 
@@ -18,7 +18,7 @@ import tempfile
 
 import numpy as np
 
-from .audio import save_audio
+from ..data.audio import save_audio
 
 __all__ = ["write_report", "spectrogram_png"]
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sashimi import PRESETS, ModelConfig, SaShiMi, WaveformAR, build_model
-from sashimi.model import count_parameters, describe, get_config, nll_bits
+from sashimi.models.autoregressive import count_parameters, describe, get_config, nll_bits
 
 BACKEND = "naive"  # the oracle kernel ops; sequences here are short
 # The HiPPO-LegS init diagonalises the same matrix once per channel (~20 s for sc09 on this
@@ -392,7 +392,7 @@ def test_loss_in_chunks_equals_the_loss_of_the_logits():
 
 
 def test_activation_estimate_tracks_the_model():
-    from sashimi.model import activation_bytes
+    from sashimi.models.autoregressive import activation_bytes
 
     sc09 = get_config("sc09")
     assert activation_bytes(sc09, 8) == 8 * activation_bytes(sc09, 1)

@@ -1,6 +1,6 @@
 """Likelihood evaluation: NLL in bits per sample of a trained checkpoint over a whole data split.
 
-    from sashimi.evaluate import evaluate
+    from sashimi.training.evaluate import evaluate
     evaluate("runs/sc09", "builtin", split="test", json_path="test.json")["nll_bits_per_sample"]
 
 bits/sample = cross-entropy (nats) / ln 2, averaged over every real (unmasked) audio sample of
@@ -17,9 +17,9 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .data import make_dataset
-from .model import count_parameters
-from .train import (BEST_CHECKPOINT, LAST_CHECKPOINT, CheckpointError, load_checkpoint, model_from_checkpoint,
+from ..data.datasets import make_dataset
+from ..models.autoregressive import count_parameters
+from .loop import (BEST_CHECKPOINT, LAST_CHECKPOINT, CheckpointError, load_checkpoint, model_from_checkpoint,
                     resolve_checkpoint, write_json)
 
 __all__ = ["evaluate"]

@@ -1,6 +1,6 @@
 """Training loop for the autoregressive SaShiMi waveform model: TrainConfig, train(cfg).
 
-    from sashimi.train import TrainConfig, train
+    from sashimi.training.loop import TrainConfig, train
     train(TrainConfig(data="builtin", preset="tiny", out="runs/tiny", max_steps=300))
 
 Everything happens in `train()`, top to bottom: processes, model, optimiser, data, then the loop
@@ -31,8 +31,8 @@ from s4lib import param_groups
 from .checkpoint import (BEST_CHECKPOINT, LAST_CHECKPOINT, CheckpointError, _config_diff, atomic_write,
                          gather_rng_states, load_checkpoint, set_rng_state, write_checkpoint)
 from .checkpoint import CHECKPOINT_FORMAT, model_from_checkpoint, resolve_checkpoint, rng_state  # noqa: F401 (re-exported)
-from .data import make_dataset
-from .model import PRESETS, ModelConfig, activation_bytes, build_model, count_parameters
+from ..data.datasets import make_dataset
+from ..models.autoregressive import PRESETS, ModelConfig, activation_bytes, build_model, count_parameters
 from .runtime import (GlobalBatches, Processes, StopFlag, batch_stream, plot_curves, read_metrics, seed_everything,
                       setup_processes, write_json)
 from .runtime import _ignore_sigint  # noqa: F401 (re-exported)
@@ -42,7 +42,7 @@ __all__ = ["TrainConfig", "train", "NonFiniteLossError", "CheckpointError", "loa
            "resolve_checkpoint", "model_from_checkpoint", "CHECKPOINT_FORMAT", "LAST_CHECKPOINT",
            "BEST_CHECKPOINT"]
 
-CHECKPOINT_AUTO_BYTES = 2e9  # checkpointing='auto' turns on above this estimate (sashimi.model.activation_bytes)
+CHECKPOINT_AUTO_BYTES = 2e9  # checkpointing='auto' turns on above this estimate (sashimi.models.autoregressive.activation_bytes)
 LN2 = math.log(2.0)
 
 
@@ -55,7 +55,7 @@ def _opt(default, help: str):
 class TrainConfig:
     # what to train, and where
     data: str = _opt("builtin", "'builtin' (synthetic, no download) or a folder of audio files")
-    preset: str = _opt("sc09", "model preset (sashimi.model.PRESETS)")
+    preset: str = _opt("sc09", "model preset (sashimi.models.autoregressive.PRESETS)")
     out: str = _opt("runs/sashimi", "run directory: checkpoints, config.json, metrics.jsonl, curves.png")
     sample_len: int | None = _opt(None, "training clip length in samples (default: the preset's)")
     dropout: float | None = _opt(None, "override the preset's dropout")

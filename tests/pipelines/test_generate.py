@@ -15,20 +15,20 @@ import soundfile as sf
 import torch
 
 from sashimi.cli import main as cli_main
-from sashimi.generate import FastPathWarning, Generator
-from sashimi.model import build_model
-from sashimi.quantize import Quantizer
-from sashimi.report import write_report
-from sashimi.sampling import UniformStream, check_sampling, sample
+from sashimi.pipelines.generate import FastPathWarning, Generator
+from sashimi.models.autoregressive import build_model
+from sashimi.data.quantize import Quantizer
+from sashimi.pipelines.report import write_report
+from sashimi.pipelines.sampling import UniformStream, check_sampling, sample
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _fast_status():
     try:
-        from sashimi.fast_step import fast_path_status
+        from sashimi.pipelines.fast_step import fast_path_status
     except ImportError as e:
-        return False, f"sashimi.fast_step cannot be imported: {e}"
+        return False, f"sashimi.pipelines.fast_step cannot be imported: {e}"
     return fast_path_status()
 
 
@@ -54,7 +54,7 @@ def tiny():
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A real checkpoint written by the real training loop (a few steps)."""
-    from sashimi.train import TrainConfig, train
+    from sashimi.training.loop import TrainConfig, train
 
     out = str(tmp_path_factory.mktemp("gen") / "run")
     train(TrainConfig(data="builtin", preset="tiny", out=out, sample_len=256, batch_size=2, max_steps=3,
@@ -64,7 +64,7 @@ def run_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(run_dir):
-    from sashimi.train import load_checkpoint, model_from_checkpoint
+    from sashimi.training.loop import load_checkpoint, model_from_checkpoint
 
     return model_from_checkpoint(load_checkpoint(os.path.join(run_dir, "last.pt"))).eval()
 
@@ -163,9 +163,9 @@ def test_fast_sampler_agrees_with_the_oracle():
     ok, reason = _fast_status()
     if not ok:
         skip_unless_ci(f"fast path unavailable here: {reason}")
-    import sashimi.fast_step
+    import sashimi.pipelines.fast_step
 
-    fast_sample = sashimi.fast_step.sample
+    fast_sample = sashimi.pipelines.fast_step.sample
 
     torch.manual_seed(2)
     logits = torch.randn(512, 256) * 3

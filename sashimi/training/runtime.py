@@ -1,4 +1,4 @@
-"""What sashimi.train runs on: the process group, the data order, seeds, signals and the run's files.
+"""What sashimi.training.loop runs on: the process group, the data order, seeds, signals and the run's files.
 
 Processes / setup_processes (torchrun ranks and devices), GlobalBatches / batch_stream (the
 deterministic, resumable order of global batches), seed_everything, StopFlag (SIGINT/SIGTERM stop the

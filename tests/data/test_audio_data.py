@@ -1,4 +1,4 @@
-"""Tests of sashimi.audio and sashimi.data on audio files the tests write themselves."""
+"""Tests of sashimi.data.audio and sashimi.data.datasets on audio files the tests write themselves."""
 
 import os
 import time
@@ -10,10 +10,10 @@ import soundfile as sf
 import torch
 from torch.utils.data import DataLoader
 
-from sashimi.audio import AudioError, load_audio, probe_audio, resample_factors, resampled_length, save_audio
-from sashimi.data import (BUILTIN_CLASSES, AudioFolderDataset, BadAudioWarning, BuiltinDataset,
+from sashimi.data.audio import AudioError, load_audio, probe_audio, resample_factors, resampled_length, save_audio
+from sashimi.data.datasets import (BUILTIN_CLASSES, AudioFolderDataset, BadAudioWarning, BuiltinDataset,
                           assign_file_splits, make_dataset)
-from sashimi.quantize import Quantizer
+from sashimi.data.quantize import Quantizer
 
 SR = 16000
 

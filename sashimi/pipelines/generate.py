@@ -1,6 +1,6 @@
 """Generation pipeline: sample audio from a WaveformAR in recurrent mode (seeded, prompted, streaming).
 
-    from sashimi.generate import Generator
+    from sashimi.pipelines.generate import Generator
     gen = Generator(model, batch_size=4)                     # fast path when available, else eager
     result = gen.generate(4, seconds=1.0, temperature=1.0, top_p=0.95, seed=0)
     result.audio               # (4, 16000) float32 in [-1, 1], at model.config.sample_rate
@@ -10,8 +10,8 @@
 
 The loop, per sequence: the first input is the zero level (silence), or a prompt is read in
 convolution mode (`model.prefill`, with state forwarding) and its last level is the first input;
-then step -> logits -> `sashimi.sampling.sample` -> the sampled level is the next input. The
-plain eager loop (`model.step`) is the oracle; the fused fast path (`sashimi.fast_step`), when
+then step -> logits -> `sashimi.pipelines.sampling.sample` -> the sampled level is the next input. The
+plain eager loop (`model.step`) is the oracle; the fused fast path (`sashimi.pipelines.fast_step`), when
 it is built and accepts the model, runs the same loop with the same uniforms, so a seed gives
 the same levels on either path. See docs/generation.md.
 """
@@ -29,9 +29,9 @@ from typing import Iterator
 import torch
 from tqdm.auto import tqdm
 
-from .audio import load_audio, probe_audio
-from .model import WaveformAR
-from .quantize import Quantizer
+from ..data.audio import load_audio, probe_audio
+from ..models.autoregressive import WaveformAR
+from ..data.quantize import Quantizer
 from .sampling import UniformStream, check_sampling, sample
 
 __all__ = ["Generator", "GenerationResult", "Chunk", "FastPathWarning", "load_prefix"]
@@ -164,7 +164,7 @@ def _make_fast_stepper(model, batch_size: int, fast):
     try:
         from .fast_step import FastPathUnavailable, FastStepper
     except ImportError as e:
-        return None, f"sashimi.fast_step cannot be imported ({e})"
+        return None, f"sashimi.pipelines.fast_step cannot be imported ({e})"
     try:
         return FastStepper(model, batch_size), ""
     except FastPathUnavailable as e:
@@ -174,7 +174,7 @@ def _make_fast_stepper(model, batch_size: int, fast):
 class Generator:
     """Autoregressive sampling from a WaveformAR, `batch_size` sequences at a time.
 
-    fast: 'auto' (default) uses the fused fast path when sashimi.fast_step is built and accepts
+    fast: 'auto' (default) uses the fused fast path when sashimi.pipelines.fast_step is built and accepts
     the model, else the eager loop with one FastPathWarning naming the reason; True requires it
     (RuntimeError otherwise); False always runs the eager loop (the oracle). step_threads: torch
     threads while the eager loop steps (1 by default: a step is many tiny ops, and extra threads

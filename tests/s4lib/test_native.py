@@ -27,7 +27,7 @@ from s4lib import ops  # noqa: E402
 from s4lib.ops import native_build  # noqa: E402
 from s4lib.ops.reference import cauchy_ref, log_vandermonde_ref, log_vandermonde_transpose_ref  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DTYPES = [torch.complex64, torch.complex128]
 
 

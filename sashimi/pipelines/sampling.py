@@ -1,6 +1,6 @@
 """Sampling rule for the next quantised level (temperature, top-k, top-p) and the seeded uniforms that drive it.
 
-This is the oracle: the fused fast path (sashimi.fast_step) implements the same rule and the
+This is the oracle: the fused fast path (sashimi.pipelines.fast_step) implements the same rule and the
 tests compare the two. Given raw logits l (B, V) and one uniform u in [0, 1) per row:
 
     temperature 0      token = argmax l (ties: the lowest index)

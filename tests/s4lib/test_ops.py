@@ -333,7 +333,7 @@ MEMORY_SCRIPT = textwrap.dedent("""
 
 
 def test_chunked_memory_is_bounded():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     result = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, root], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     growth = int(result.stdout.split()[-1])

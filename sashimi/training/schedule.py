@@ -1,4 +1,4 @@
-"""The learning-rate schedule of sashimi.train: linear warmup, then cosine decay or reduce-on-plateau."""
+"""The learning-rate schedule of sashimi.training.loop: linear warmup, then cosine decay or reduce-on-plateau."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .train import TrainConfig
+    from .loop import TrainConfig
 
 __all__ = ["LRSchedule"]
 

@@ -1,4 +1,4 @@
-"""Tests of sashimi.train, sashimi.evaluate and the sashimi CLI: learning, exact resume, signals,
+"""Tests of sashimi.training.loop, sashimi.training.evaluate and the sashimi CLI: learning, exact resume, signals,
 non-finite steps, checkpoint format and errors, evaluation JSON, and 2-process torchrun runs (matching one
 process, SIGTERM, resuming with another number of processes)."""
 
@@ -16,11 +16,11 @@ import pytest
 import torch
 
 from sashimi.cli import main
-from sashimi.evaluate import evaluate
-from sashimi.train import (CHECKPOINT_FORMAT, CheckpointError, NonFiniteLossError, TrainConfig, load_checkpoint,
+from sashimi.training.evaluate import evaluate
+from sashimi.training.loop import (CHECKPOINT_FORMAT, CheckpointError, NonFiniteLossError, TrainConfig, load_checkpoint,
                            train)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Measured: the `learned_run` below reaches 5.28 bits/sample (seed 0; deterministic on CPU); uniform is 8.
 LEARNED_VAL_BITS_MAX = 6.0
 
@@ -168,9 +168,9 @@ def test_evaluate_covers_the_whole_split_without_padding(learned_run, tmp_path):
     import numpy as np
     import soundfile as sf
 
-    from sashimi.data import make_dataset
-    from sashimi.model import nll_bits
-    from sashimi.train import model_from_checkpoint
+    from sashimi.data.datasets import make_dataset
+    from sashimi.models.autoregressive import nll_bits
+    from sashimi.training.loop import model_from_checkpoint
 
     out, _, _ = learned_run
     rng = np.random.default_rng(0)
@@ -326,8 +326,8 @@ def test_checkpointing_modes_give_the_same_update(tmp_path, capsys):
     assert on["val_bits"] == pytest.approx(off["val_bits"], abs=1e-4)
     train(small(tmp_path / "auto", max_steps=1, batch_size=4))
     assert "gradient checkpointing off (auto" in capsys.readouterr().out
-    from sashimi.model import get_config
-    from sashimi.train import checkpointing_decision
+    from sashimi.models.autoregressive import get_config
+    from sashimi.training.loop import checkpointing_decision
 
     sc09 = get_config("sc09")
     assert checkpointing_decision(TrainConfig(preset="sc09", batch_size=8), sc09, 8)[0]  # ~5.5 GB

@@ -1,4 +1,4 @@
-"""Procedural audio synthesis behind the built-in dataset (`sashimi.data.BuiltinDataset`).
+"""Procedural audio synthesis behind the built-in dataset (`sashimi.data.datasets.BuiltinDataset`).
 
 `synthesize_clip(label, timbre, rng)` renders one clip: one of ten melodic motifs
 (`BUILTIN_CLASSES`) played in one of four timbres (`BUILTIN_TIMBRES`: wavetable harmonic tone,

@@ -1,4 +1,4 @@
-"""Tests of sashimi.quantize: exact round trips, edge values, clamping, NaN, other bit depths."""
+"""Tests of sashimi.data.quantize: exact round trips, edge values, clamping, NaN, other bit depths."""
 
 import math
 
@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sashimi.quantize import Quantizer, linear_decode, linear_encode, mu_law_decode, mu_law_encode
+from sashimi.data.quantize import Quantizer, linear_decode, linear_encode, mu_law_decode, mu_law_encode
 
 KINDS = ["mu_law", "linear"]
 BITS = [1, 2, 4, 8, 12, 16]

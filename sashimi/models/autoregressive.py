@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 from torch.utils.checkpoint import checkpoint as checkpoint_call
 
-from .backbone import SaShiMi
-from .quantize import QUANTIZATIONS
+from ..nn.backbone import SaShiMi
+from ..data.quantize import QUANTIZATIONS
 
 __all__ = ["ModelConfig", "PRESETS", "WaveformAR", "build_model", "count_parameters", "describe", "nll_bits"]
 
@@ -174,7 +174,7 @@ class WaveformAR(nn.Module):
     """Next-sample model over quantised audio: tokens (B, L) -> logits (B, L, n_classes).
 
     Causal: logits[:, t] depend on tokens[:, :t+1] only (inputs are the targets shifted
-    right by one, see sashimi.data). Recurrent mode: setup_step(), default_state(B),
+    right by one, see sashimi.data.datasets). Recurrent mode: setup_step(), default_state(B),
     step(token (B,), state) -> (logits (B, n_classes), state), and prefill(tokens (B, L),
     state) to read a prompt in convolution mode before stepping.
     """

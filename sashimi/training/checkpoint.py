@@ -1,12 +1,12 @@
 """Training checkpoints: their layout, atomic writing, loading with format checks, and RNG states.
 
-    from sashimi.checkpoint import load_checkpoint, model_from_checkpoint
+    from sashimi.training.checkpoint import load_checkpoint, model_from_checkpoint
     model = model_from_checkpoint(load_checkpoint("runs/tiny/best.pt"))   # EMA weights when present
 
 A checkpoint is one `torch.save`d dict of tensors and primitives (it loads with weights_only=True):
 format_version, preset, model_config, train_config, model, ema, optimizer, scheduler, step,
 data {epoch, index, seed, batch_size}, rng (one state per process), nonfinite_total,
-best_val_bits, val_bits, elapsed_seconds, world_size, torch_version. `sashimi.train` writes them
+best_val_bits, val_bits, elapsed_seconds, world_size, torch_version. `sashimi.training.loop` writes them
 (`write_checkpoint`) and resumes from them; evaluation and generation read them.
 """
 
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .model import ModelConfig, build_model
+from ..models.autoregressive import ModelConfig, build_model
 
 __all__ = ["CheckpointError", "CHECKPOINT_FORMAT", "LAST_CHECKPOINT", "BEST_CHECKPOINT", "resolve_checkpoint",
            "load_checkpoint", "model_from_checkpoint", "write_checkpoint", "gather_rng_states", "rng_state",

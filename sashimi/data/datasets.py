@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .audio import AUDIO_EXTENSIONS, AudioError, load_audio, probe_audio, resampled_length
-from .builtin_synth import (  # noqa: F401  (re-exported: importable from sashimi.data as before)
+from .builtin_synth import (  # noqa: F401  (re-exported: importable from sashimi.data.datasets as before)
     _MOTIFS, _TABLE, _VOWELS, BUILTIN_CLASSES, BUILTIN_TIMBRES, _oscillator, _wavetable, synthesize_clip)
 from .quantize import Quantizer
 

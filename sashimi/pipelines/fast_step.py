@@ -34,7 +34,7 @@ sums taken sequentially in the order stated:
    (Mathematically: renormalise over the kept set, pick the first index in sorted order whose
    cumulative probability exceeds u.)
 
-`sashimi.sampling.sample` implements the same rule with torch ops (the eager path's sampler);
+`sashimi.pipelines.sampling.sample` implements the same rule with torch ops (the eager path's sampler);
 an implementation that sums in another order agrees except when u lies within round-off
 (~1e-16 relative) of a cumulative boundary. Non-finite logits give an arbitrary token and a
 NaN log-probability.
@@ -61,8 +61,8 @@ from s4lib.fftconv import FFTConv
 from s4lib.ops import native_build
 from s4lib.ssm import SSMKernelDiag, SSMKernelDPLR
 
-from .backbone import FFBlock, ResidualBlock
-from .model import WaveformAR
+from ..nn.backbone import FFBlock, ResidualBlock
+from ..models.autoregressive import WaveformAR
 
 __all__ = ["FastPathUnavailable", "FastStepper", "fast_path_status", "sample"]
 

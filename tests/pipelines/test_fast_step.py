@@ -1,4 +1,4 @@
-"""The fused step engine (sashimi.fast_step) against the eager step (the oracle) and convolution mode.
+"""The fused step engine (sashimi.pipelines.fast_step) against the eager step (the oracle) and convolution mode.
 
 Logits within 1e-4 relative at every step over 4096 steps (batch 1 and 3), identical greedy token
 sequences (engine, eager loop, and the argmaxes of convolution mode on the generated tokens), state
@@ -16,12 +16,12 @@ from conftest import skip_unless_ci
 import torch
 
 from sashimi import build_model
-from sashimi.model import ModelConfig, WaveformAR, nll_bits
-from sashimi.generate import _torch_threads  # the library's own thread-count context
-from sashimi.sampling import sample as sample_oracle
+from sashimi.models.autoregressive import ModelConfig, WaveformAR, nll_bits
+from sashimi.pipelines.generate import _torch_threads  # the library's own thread-count context
+from sashimi.pipelines.sampling import sample as sample_oracle
 
-fast_step = pytest.importorskip("sashimi.fast_step")
-from sashimi.fast_step import FastPathUnavailable, FastStepper, fast_path_status, sample  # noqa: E402
+fast_step = pytest.importorskip("sashimi.pipelines.fast_step")
+from sashimi.pipelines.fast_step import FastPathUnavailable, FastStepper, fast_path_status, sample  # noqa: E402
 
 BACKEND = "naive"
 STEPS = 4096
@@ -226,7 +226,7 @@ def test_reset_and_bad_states():
 # ----------------------------------------------------------------------------- the sampling rule
 
 def sample_rule(logits, u, temperature, top_k, top_p):
-    """The rule of sashimi.fast_step's docstring, transcribed in plain Python floats."""
+    """The rule of sashimi.pipelines.fast_step's docstring, transcribed in plain Python floats."""
     l = [float(x) for x in logits]
     V, m = len(l), max(l)
     S = 0.0
@@ -394,7 +394,7 @@ def test_unsupported_models_are_refused():
 
 def test_missing_compiler_is_a_clear_error(tmp_path):
     code = ("import torch\nfrom sashimi import build_model\n"
-            "from sashimi.fast_step import FastStepper, FastPathUnavailable, fast_path_status\n"
+            "from sashimi.pipelines.fast_step import FastStepper, FastPathUnavailable, fast_path_status\n"
             "m = build_model('tiny', d_model=16, n_layers=1, d_state=4, backend='naive').eval(); m.setup_step()\n"
             "print(fast_path_status(m))\n"
             "try:\n    FastStepper(m, 1)\nexcept FastPathUnavailable as e:\n    print('UNAVAILABLE', e)\n")

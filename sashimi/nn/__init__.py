@@ -1,0 +1,1 @@
+"""Networks: tensors in, tensors out (the SaShiMi backbone and its blocks); no losses, no sampling, no data."""

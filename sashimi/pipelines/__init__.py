@@ -1,0 +1,1 @@
+"""Generation: samplers that run trained models, the fused fast step, and the listening page."""

@@ -1,0 +1,1 @@
+"""The training runtime shared by every family: the loop, checkpoints, LR schedule, processes, evaluation."""
