@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from s4lib import S4Block
 
-from sashimi.backbone import DownPool, FFBlock, UpPool
+from .backbone import DownPool, FFBlock, UpPool
 from .embeddings import TimeEmbedding
 
 __all__ = ["FlowUNet"]
