@@ -63,7 +63,12 @@ class FlowModel(nn.Module):
         if set(given) != {expected}:
             raise ValueError(f"this model is conditioned by {kind!r}: pass {expected}= (got {sorted(given) or 'nothing'})")
         if kind == "label":
-            return self.labels(torch.as_tensor(labels, dtype=torch.int64).reshape(-1))
+            labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1)
+            bad = (labels < 0) | (labels >= self.config.n_classes)
+            if bool(bad.any()):
+                raise ValueError(f"unknown label {int(labels[bad][0])}: this model knows labels "
+                                 f"0..{self.config.n_classes - 1}")
+            return self.labels(labels)
         if kind == "text":
             return self.text(list(prompts))
         embedding = torch.as_tensor(embedding, dtype=self.null_embedding.dtype, device=self.null_embedding.device)

@@ -65,6 +65,8 @@ def test_condition_errors():
         labels.condition(labels=[12])
     with pytest.raises(ValueError, match="unknown label -1"):
         labels.condition(labels=[-1])
+    with pytest.raises(ValueError, match="unknown label 10"):  # the null id is not a user label
+        labels.condition(labels=[10])
     with pytest.raises(ValueError, match="pass labels="):
         labels.condition(prompts=["x"])
     text = FlowModel(FlowConfig(**SMALL, condition="text"))
@@ -115,6 +117,23 @@ def test_objectives_and_samplers_run_on_batches():
         sample_flow(model, noise, cond, null, steps=0)
     S = straightness(model, noise, cond, steps=4)
     assert S["S"] >= 0
+
+
+def test_pipeline_generates_and_refuses_bad_requests():
+    from sashimi.pipelines.flow_generate import FlowPipeline
+
+    pipe = FlowPipeline(_perturbed(FlowModel(FlowConfig(**SMALL))))
+    result = pipe(3, labels=[7], steps=2, cfg=3.0)
+    assert result.audio.shape == (3, 32) and result.conditions == [7, 7, 7] and result.real_time_factor > 0
+    assert float(result.audio.abs().max()) <= 1.0
+    for bad, match in ((dict(labels=[11]), "unknown label 11"), (dict(prompts=["x"]), "pass labels="),
+                       (dict(labels=[1], steps=0), "steps must be an int >= 1"),
+                       (dict(labels=[1], n=0), "number of samples"), (dict(), "give --label"),
+                       (dict(labels=[1], method="ddpm"), "'euler' or 'heun'")):
+        with pytest.raises(ValueError, match=match):
+            pipe(**{"n": 1, **bad})
+    dpipe = FlowPipeline(_perturbed(FlowModel(FlowConfig(**SMALL, family="diffwave"))))
+    assert dpipe(2, labels=[1, 2], method="ddim", steps=5).audio.shape == (2, 32)
 
 
 def test_reflow_pair_folder_round_trip(tmp_path):
