@@ -6,7 +6,7 @@ from sashimi.objectives.diffwave import diffwave_objective
 from .flow_config import FlowConfig
 from .flow_model import FlowModel
 
-__all__ = ["PRESETS", "objective", "build"]
+__all__ = ["PRESETS", "DiffWaveModel", "objective", "build"]
 
 _BASE = dict(family="diffwave", T=200, beta_start=1e-4, beta_end=0.02)
 _TINY = dict(d_model=16, n_layers=1, d_state=16, d_embed=64, d_sinusoid=32)
@@ -25,11 +25,18 @@ PRESETS: dict[str, FlowConfig] = {
 objective = diffwave_objective
 
 
-def build(config="diffwave-tiny", **overrides) -> FlowModel:
+class DiffWaveModel(FlowModel):
+    """A FlowModel that predicts the noise eps of a DDPM (see sashimi.objectives.diffwave)."""
+
+
+def build(config="diffwave-tiny", **overrides) -> DiffWaveModel:
     if isinstance(config, str):
         if config not in PRESETS:
             raise ValueError(f"unknown DiffWave preset {config!r}; expected one of {sorted(PRESETS)}")
         config = PRESETS[config]
     elif isinstance(config, dict):
         config = FlowConfig.from_dict(config)
-    return FlowModel(config.replace(**overrides))
+    config = config.replace(**overrides)
+    if config.family != "diffwave":
+        raise ValueError(f"a {config.family!r} config is not a DiffWave config")
+    return DiffWaveModel(config)

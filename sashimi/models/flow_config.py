@@ -6,10 +6,11 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-__all__ = ["FlowConfig", "SPACES", "CONDITIONS"]
+__all__ = ["FlowConfig", "SPACES", "CONDITIONS", "STAGES"]
 
 SPACES = ("waveform", "mel")
 CONDITIONS = ("none", "label", "text", "embedding")
+STAGES = ("1-rf", "2-rf", "distilled")
 
 
 def _check_int(name, value, low=1):
@@ -66,7 +67,9 @@ class FlowConfig:
     n_fft: int = 1024
     mel_mean: float = -5.0
     mel_std: float = 2.5
-    # rectified flow training
+    # rectified flow training: stage '1-rf' (data and fresh noise), '2-rf' (reflow pairs),
+    # 'distilled' (one-step distillation on reflow pairs)
+    stage: str = "1-rf"
     timestep_sampler: str = "logit_normal"
     timestep_params: dict = field(default_factory=lambda: {"m": 0.0, "s": 1.0})
     immiscible: bool = False
@@ -79,6 +82,8 @@ class FlowConfig:
         self.pool = tuple(self.pool)
         if self.family not in ("rectified_flow", "diffwave"):
             raise ValueError(f"family must be 'rectified_flow' or 'diffwave', got {self.family!r}")
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
         if self.space not in SPACES:
             raise ValueError(f"space must be one of {SPACES}, got {self.space!r}")
         if self.condition not in CONDITIONS:

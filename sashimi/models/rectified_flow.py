@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from sashimi.objectives.distill import distillation_objective
 from sashimi.objectives.rectified_flow import rectified_flow_objective
 from .flow_config import FlowConfig
 from .flow_model import FlowModel
 
-__all__ = ["PRESETS", "FlowConfig", "FlowModel", "objective", "build"]
+__all__ = ["PRESETS", "FlowConfig", "RectifiedFlowModel", "objective", "build", "reflow_config", "distill_config"]
 
 _TINY = dict(d_model=16, n_layers=1, d_state=16, d_embed=64, d_sinusoid=32, text_d_model=32, text_layers=1)
 
@@ -27,14 +28,35 @@ PRESETS: dict[str, FlowConfig] = {
                          d_model=128, n_layers=4),
 }
 
-objective = rectified_flow_objective
+def objective(model, batch: dict):
+    """The family's loss at the model's stage: the flow MSE (1-RF, 2-RF) or the one-step distillation MSE."""
+    if model.config.stage == "distilled":
+        return distillation_objective(model, batch)
+    return rectified_flow_objective(model, batch)
 
 
-def build(config="rf-tiny", **overrides) -> FlowModel:
+class RectifiedFlowModel(FlowModel):
+    """A FlowModel that regresses the straight velocity x1 - x0 (see sashimi.objectives.rectified_flow)."""
+
+
+def reflow_config(config: FlowConfig, a: float = 4.0, immiscible: bool = True) -> FlowConfig:
+    """The 2-RF stage of a 1-RF config: reflow pairs, Mix-Exp(a) times, immiscible pairing."""
+    return config.replace(stage="2-rf", timestep_sampler="mix_exp", timestep_params={"a": a}, immiscible=immiscible)
+
+
+def distill_config(config: FlowConfig) -> FlowConfig:
+    """The one-step distillation stage (trained on reflow pairs at t = 0)."""
+    return config.replace(stage="distilled")
+
+
+def build(config="rf-tiny", **overrides) -> RectifiedFlowModel:
     if isinstance(config, str):
         if config not in PRESETS:
             raise ValueError(f"unknown rectified-flow preset {config!r}; expected one of {sorted(PRESETS)}")
         config = PRESETS[config]
     elif isinstance(config, dict):
         config = FlowConfig.from_dict(config)
-    return FlowModel(config.replace(**overrides))
+    config = config.replace(**overrides)
+    if config.family != "rectified_flow":
+        raise ValueError(f"a {config.family!r} config is not a rectified flow")
+    return RectifiedFlowModel(config)

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .rectified_flow import weighted_loss
+
 __all__ = ["DiffusionSchedule", "q_sample", "diffwave_objective"]
 
 
@@ -68,4 +70,5 @@ def diffwave_objective(model, batch: dict, *, generator: torch.Generator | None 
     else:
         weight = torch.broadcast_to(mask.to(err.dtype), err.shape)
         loss_sum, count = (err * weight).sum(), weight.sum()
-    return loss_sum, count, {"mse": float(loss_sum.detach()) / max(float(count), 1.0)}
+    loss_sum, count = weighted_loss(loss_sum, count, batch)
+    return loss_sum, count, {"mse": loss_sum.detach()}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .rectified_flow import rectified_flow_loss
+from .rectified_flow import rectified_flow_loss, weighted_loss
 
 __all__ = ["distillation_objective"]
 
@@ -23,5 +23,5 @@ def distillation_objective(model, batch: dict, *, generator: torch.Generator | N
     x0 = batch["noise"].to(x1.device)
     t = torch.zeros(x1.shape[0], dtype=x1.dtype, device=x1.device)
     v = model(x0, t, model.condition_from_batch(batch, generator))
-    loss_sum, count = rectified_flow_loss(v, x0, x1, mask)
-    return loss_sum, count, {"mse": float(loss_sum.detach()) / max(float(count), 1.0)}
+    loss_sum, count = weighted_loss(*rectified_flow_loss(v, x0, x1, mask), batch)
+    return loss_sum, count, {"mse": loss_sum.detach()}

@@ -19,7 +19,7 @@ import torch
 
 __all__ = ["interpolate", "velocity_target", "rectified_flow_loss", "UniformSampler", "LogitNormalSampler",
            "MixExpSampler", "CallableSampler", "get_timestep_sampler", "immiscible_assignment",
-           "rectified_flow_objective", "broadcast_time"]
+           "rectified_flow_objective", "broadcast_time", "flow_count", "weighted_loss"]
 
 
 def broadcast_time(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -182,13 +182,32 @@ def immiscible_assignment(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------ the objective
-def rectified_flow_objective(model, batch: dict, *, timestep_sampler=None, immiscible: bool = False,
+def flow_count(batch: dict):
+    """The count a flow objective reports for a batch, known before the forward: the real audio
+    samples (batch["mask"].sum()) of a data batch, the elements of x1 for a batch of reflow pairs."""
+    if "mask" in batch:
+        return batch["mask"].sum()
+    return batch["x1"].numel()
+
+
+def weighted_loss(loss_sum, count, batch: dict):
+    """(loss_sum, count) rescaled to count = flow_count(batch): the same mean, the loop's weight.
+
+    Equal to the input when the model's space is the waveform; for mel frames it turns the sum
+    over (frame, bin) elements into the mean error times the batch's real samples.
+    """
+    target = flow_count(batch)
+    return loss_sum * (target / count), target
+
+
+def rectified_flow_objective(model, batch: dict, *, timestep_sampler=None, immiscible: bool | None = None,
                              generator: torch.Generator | None = None):
     """objective(model, batch) -> (loss_sum, count, metrics) for a flow model v = model(x_t, t, cond).
 
     batch: "x1" (B, L, C) data in the model's space (or "wav" (B, L), which model.encode maps to
     it), optional "mask", "noise" (reflow pairs: the x0 that produced x1), "label"/"prompt"/"embedding".
-    Fresh noise is drawn when the batch has none; immiscible re-pairs it within the batch.
+    Fresh noise is drawn when the batch has none; immiscible (default: model.config.immiscible)
+    re-pairs the noise within the batch; the timestep sampler defaults to the model's.
     """
     sampler = get_timestep_sampler(timestep_sampler) if timestep_sampler is not None else model.timestep_sampler()
     x1, mask = model.encode_batch(batch)
@@ -197,9 +216,9 @@ def rectified_flow_objective(model, batch: dict, *, timestep_sampler=None, immis
         x0 = torch.randn(x1.shape, generator=generator, dtype=x1.dtype).to(x1.device)
     elif x0.shape != x1.shape:
         raise ValueError(f"batch['noise'] must have the data's shape {tuple(x1.shape)}, got {tuple(x0.shape)}")
-    if immiscible:
+    if immiscible if immiscible is not None else getattr(model.config, "immiscible", False):
         x0 = x0[immiscible_assignment(x0, x1)]
     t = sampler(x1.shape[0], generator).to(x1.device)
     v = model(interpolate(x0, x1, t), t, model.condition_from_batch(batch))
-    loss_sum, count = rectified_flow_loss(v, x0, x1, mask)
-    return loss_sum, count, {"mse": float(loss_sum.detach()) / max(float(count), 1.0)}
+    loss_sum, count = weighted_loss(*rectified_flow_loss(v, x0, x1, mask), batch)
+    return loss_sum, count, {"mse": loss_sum.detach()}
