@@ -120,7 +120,8 @@ class FlowModel(nn.Module):
             except ImportError as err:  # pragma: no cover - the mel transform ships with the WaveFlow vocoder
                 raise RuntimeError("space='mel' needs sashimi.nn.mel.LogMel (the WaveFlow vocoder's features)") from err
             c = self.config
-            self._mel = LogMel(sample_rate=c.sample_rate, n_fft=c.n_fft, hop_length=c.hop_length, n_mels=c.n_mels)
+            self._mel = LogMel(c.sample_rate, n_fft=c.n_fft, win_length=c.n_fft, hop_length=c.hop_length,
+                               n_mels=c.n_mels, f_max=min(8000.0, c.sample_rate / 2))
         return self._mel
 
     def encode_audio(self, wav: torch.Tensor) -> torch.Tensor:
@@ -148,8 +149,11 @@ class FlowModel(nn.Module):
             return x[..., 0].clamp(-1, 1)
         if vocoder is None:
             raise ValueError("a mel-space model needs a WaveFlow vocoder to make audio (pass vocoder=)")
-        mel = x.transpose(1, 2) * self.config.mel_std + self.config.mel_mean
-        return vocoder.infer(mel).clamp(-1, 1)
+        n_mels = getattr(getattr(vocoder, "config", None), "n_mels", self.config.n_mels)
+        if n_mels != self.config.n_mels:
+            raise ValueError(f"the vocoder takes {n_mels} mel bins, this model makes {self.config.n_mels}")
+        mel = x.transpose(1, 2) * self.config.mel_std + self.config.mel_mean  # (B, n_mels, frames)
+        return vocoder.sample(mel).clamp(-1, 1)
 
     def noise_shape(self, batch_size: int) -> tuple:
         return (batch_size, self.config.frames, self.config.channels)
