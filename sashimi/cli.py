@@ -326,6 +326,9 @@ COMMANDS = {
     "generate": (add_generate_arguments, run_generate, "sample audio from a checkpoint: WAVs, samples.json, index.html"),
     "demo": (add_demo_arguments, run_demo, "train the tiny model for a few minutes, then generate a listening page"),
 }
+from .cli_flows import COMMANDS as _FLOW_COMMANDS  # noqa: E402  (argument parsers only; torch loads on use)
+
+COMMANDS.update(_FLOW_COMMANDS)
 
 
 def main(argv: list[str] | None = None) -> int:
