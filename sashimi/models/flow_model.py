@@ -62,7 +62,9 @@ class FlowModel(nn.Module):
                 raise ValueError(f"this model is unconditional; it takes no {', '.join(given)}")
             return None
         if set(given) != {expected}:
-            raise ValueError(f"this model is conditioned by {kind!r}: pass {expected}= (got {sorted(given) or 'nothing'})")
+            flag = {"labels": "--label", "prompts": "--prompt", "embedding": "--embedding"}[expected]
+            raise ValueError(f"this model is conditioned by {kind!r}: pass {expected}= ({flag}), "
+                             f"got {sorted(given) or 'nothing'}")
         if kind == "label":
             labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1)
             bad = (labels < 0) | (labels >= self.config.n_classes)
