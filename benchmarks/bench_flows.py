@@ -9,10 +9,10 @@ wall time is printed beside it). The sgemm rate of this machine is measured
 in the same run (a 2048^2 float32 matmul, median of 5, before and after the cases) and every
 case's GFLOP/s is given as a fraction of it.
 
-FLOPs per evaluation: torch.utils.flop_counter on one forward (the Linear layers: matmuls and
-addmm) plus the FFT convolutions, counted as 2.5 n log2 n per real FFT of size n (two per S4
-channel and batch element: rfft of the input and irfft of the product; the kernel's rfft once
-per channel) and 6 flops per complex product. LayerNorm, GELU and the Cauchy kernel are not
+FLOPs per evaluation: torch.utils.flop_counter on one forward of one clip, times the batch (the
+Linear layers: matmuls and addmm), plus the FFT convolutions, counted as 2.5 n log2 n per real
+FFT of size n (two per S4 channel and batch element: rfft of the input and irfft of the product;
+the kernel's rfft once per channel) and 6 flops per complex product. LayerNorm, GELU and the Cauchy kernel are not
 counted. FLOPs per generated second = evaluations x FLOPs per evaluation / (batch x seconds).
 
     python benchmarks/bench_flows.py                       # the issue's cases (slow on a shared CPU)
@@ -76,16 +76,15 @@ def _level_stride(model, name: str) -> int:
 
 
 def network_flops(model, batch: int) -> dict:
+    """Counted on one clip and scaled by the batch (every counted op acts per clip)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    shape = model.noise_shape(batch)
-    x = torch.randn(shape)
-    t = torch.rand(batch)
-    cond = model.condition(labels=[0] * batch) if model.config.condition == "label" else None
+    shape = model.noise_shape(1)
+    cond = model.condition(labels=[0]) if model.config.condition == "label" else None
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
-        model(x, t, cond)
-    return {"matmul": float(counter.get_total_flops()), "fft": fft_flops(model, batch, shape[1])}
+        model(torch.randn(shape), torch.rand(1), cond)
+    return {"matmul": batch * float(counter.get_total_flops()), "fft": fft_flops(model, batch, shape[1])}
 
 
 def time_forwards(models: dict, batch: int, repeats: int) -> dict:
@@ -97,8 +96,9 @@ def time_forwards(models: dict, batch: int, repeats: int) -> dict:
         inputs[name] = (torch.randn(model.noise_shape(batch)), torch.rand(batch), cond)
     times = {name: [] for name in models}
     with torch.no_grad():
-        for name, model in models.items():
-            model(*inputs[name])  # warm-up: kernels built, caches filled
+        for name, model in models.items():  # warm-up (kernel backends prepared), on one clip
+            x, t, cond = inputs[name]
+            model(x[:1], t[:1], None if cond is None else cond[:1])
         for _ in range(repeats):
             for name, model in models.items():
                 start = time.perf_counter()
