@@ -161,3 +161,33 @@ def test_anchored_pairs_stay_closer_to_the_unguided_trajectory():
     d_anchored = float((anchored["samples"] - reference).square().mean())
     assert d_anchored < d_plain
     assert anchored["info"]["anchor_iterations"] > 0
+
+
+def test_mel_space_encodes_frames_and_decodes_through_a_vocoder():
+    try:
+        import sashimi.nn.mel  # noqa: F401
+    except ImportError:
+        from conftest import skip_unless_ci
+
+        skip_unless_ci("sashimi.nn.mel (LogMel, shipped with the WaveFlow vocoder)")
+    from sashimi.pipelines.flow_generate import FlowPipeline
+
+    cfg = FlowConfig(**{**SMALL, "sample_len": 1024}, space="mel", n_mels=16, hop_length=64, n_fft=256)
+    model = FlowModel(cfg)
+    batch = {"wav": 0.1 * torch.randn(2, 1024), "mask": torch.ones(2, 1024, dtype=torch.bool),
+             "label": torch.tensor([1, 2])}
+    x1, mask = model.encode_batch(batch)
+    assert x1.shape == (2, 16, 16) and mask is None
+    loss, count, _ = rectified_flow_objective(model, batch)
+    assert int(count) == 2 * 1024 and math.isfinite(float(loss))  # mean error over frames x bins, weighted by samples
+
+    class Vocoder:
+        config = type("C", (), {"n_mels": 16})
+
+        def sample(self, mel):
+            assert mel.shape == (2, 16, 16)
+            return torch.zeros(mel.shape[0], mel.shape[-1] * 64)
+
+    assert FlowPipeline(model, Vocoder())(2, labels=[3], steps=1).audio.shape == (2, 1024)
+    with pytest.raises(ValueError, match="vocoder"):
+        FlowPipeline(model)
