@@ -61,8 +61,8 @@ def anchored_sample(model, noise, condition, null, cfg: float, steps: int = 24, 
             miss = (x_next - anchor_next).square().mean()
             if float(miss.sqrt()) < anchor_tol * scale:
                 break
-            optimiser.zero_grad()
-            miss.backward()
+            # the gradient of the embedding only (the network's weights collect none)
+            (null_opt.grad,) = torch.autograd.grad(miss, [null_opt])
             optimiser.step()
             iterations += 1
         null_opt = null_opt.detach()
