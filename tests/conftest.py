@@ -23,3 +23,20 @@ def skip_unless_ci(reason: str):
     if os.environ.get("CI"):
         pytest.fail(f"required in CI: {reason}")
     pytest.skip(reason)
+
+
+def pytest_sessionstart(session):
+    """A run with S4LIB_BACKEND naming one backend tests that backend: it must be usable here (and in
+    CI it is required), so that such a run never passes on a silent fallback."""
+    import pytest
+
+    name = os.environ.get("S4LIB_BACKEND", "auto").strip().lower()
+    if name in ("", "auto"):
+        return
+    from s4lib.ops import dispatch
+
+    if name not in dispatch.BACKEND_MODULES:
+        raise pytest.UsageError(f"S4LIB_BACKEND={name!r}: expected one of {dispatch.BACKEND_NAMES}")
+    if dispatch.prepare(name) != name:
+        raise pytest.UsageError(f"S4LIB_BACKEND={name!r}, but that backend cannot run here: "
+                                f"{dispatch.backend_status(name)[1]}")

@@ -12,8 +12,9 @@ A backend is a module under `s4lib.ops` that exposes `BACKEND`, an object with
 Inputs reaching a backend are already validated, broadcast, flattened to one batch
 dimension and contiguous. Selection order: the `backend=` argument, else the
 environment variable S4LIB_BACKEND, else 'auto'. A backend that is missing, cannot
-serve a call, or raises while computing it is skipped with a one-time warning and the
-next one in the chain is used; the chain always ends in 'chunked' and 'naive'.
+serve a call, or raises while computing it is skipped with a one-time, one-line warning
+(which backend is off, which one is used instead, why) and the next one in the chain is
+used; the chain always ends in 'chunked' and 'naive'.
 """
 
 from __future__ import annotations
@@ -120,7 +121,11 @@ def prepare(backend: str | None = None, device="cpu") -> str | None:
 
 
 def call(op: str, backend: str | None, tensors: tuple, *args):
-    """Run `op` on the first backend of the chain that can serve it."""
+    """Run `op` on the first backend of the chain that can serve it.
+
+    Each backend skipped on the way is reported once (per backend and reason) in one line that
+    names the backend that is off, the one used instead, and why.
+    """
     name = resolve_name(backend)
     device = tensors[0].device
     skipped = []
@@ -131,14 +136,24 @@ def call(op: str, backend: str | None, tensors: tuple, *args):
             reason = impl.supports(op, *tensors)
             if reason is None:
                 try:
-                    return getattr(impl, op)(*tensors, *args)
+                    result = getattr(impl, op)(*tensors, *args)
                 except (torch.cuda.OutOfMemoryError, KeyboardInterrupt):
                     raise
                 except Exception as e:  # a backend fault, never a user error (inputs were validated)
-                    reason = f"failed: {type(e).__name__}: {e}"
+                    reason = f"failed: {type(e).__name__}: {_one_line(str(e))}"
                     if not isinstance(e, MemoryError):
                         _broken[candidate] = reason
-        skipped.append(candidate)
-        _warn_once((candidate, reason),
-                   f"s4lib: kernel backend '{candidate}' not used for {op}: {reason}; falling back to the next one")
-    raise RuntimeError(f"no kernel backend could compute {op} (tried {skipped})")
+                else:
+                    for off, why in skipped:
+                        _warn_once((off, why), f"s4lib: kernel backend '{off}' off, using '{candidate}' "
+                                               f"for {op}: {_one_line(why)}")
+                    return result
+        skipped.append((candidate, reason))
+    raise RuntimeError(f"no kernel backend could compute {op}: " +
+                       "; ".join(f"'{off}': {why}" for off, why in skipped))
+
+
+def _one_line(text: str, limit: int = 160) -> str:
+    """The first line of an exception message, clipped (a compiler's output never reaches a warning)."""
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return first if len(first) <= limit else first[: limit - 1] + "…"

@@ -18,7 +18,9 @@ Kernels compile on first use (a few seconds each, cached on disk by PyKeOps) on 
 backend for CPU tensors and 'GPU' for CUDA tensors. On CPU, KeOps's generated code runs float64
 as fast as float32, so float32 inputs are computed in float64 there (more accurate, and half
 the kernels to compile); on GPU each dtype runs natively. A failed import or compile is
-reported by `status()` and raised, so dispatch falls back.
+reported by `status()` and raised, so dispatch falls back. KeOps loads what it compiled from
+its cache folder: one that someone else could write to is replaced by a folder under the
+s4lib cache (see native_cache), never by a fixed path in /tmp.
 """
 
 from __future__ import annotations
@@ -26,11 +28,13 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import tempfile
+import warnings
+from pathlib import Path
 
 import torch
 from torch.autograd.function import once_differentiable
 
+from . import native_cache
 from .chunked import _positions, vandermonde_functions
 
 # (formula, aliases): the variable roles are fixed here; batches are KeOps batch dimensions.
@@ -46,29 +50,60 @@ _reductions: dict = {}
 
 
 def _pykeops():
-    """Import pykeops once (quietly: it prints a CUDA notice on CPU-only machines)."""
+    """Import pykeops once (quietly: it prints a CUDA notice on CPU-only machines), in a trusted cache folder."""
     if _state["module"] is None and _state["import_error"] is None:
         try:
+            _trusted_keops_cache()
             with contextlib.redirect_stdout(io.StringIO()):
                 import pykeops
                 import pykeops.torch  # noqa: F401  (Genred)
             pykeops.set_verbose(False)
             build = pykeops.get_build_folder()
-            if not _writable(build):
-                pykeops.set_build_folder(os.path.join(tempfile.gettempdir(), f"s4lib-keops-{os.getuid()}"))
+            reason = _untrusted(build)
+            if reason is not None:
+                private = native_cache.trusted_subdir(f"keops{pykeops.__version__}")
+                warnings.warn(f"s4lib: not using the KeOps build folder {build}: {reason}; using {private}",
+                              RuntimeWarning, stacklevel=3)
+                pykeops.set_build_folder(str(private))
             _state["module"] = pykeops
         except Exception as e:  # ImportError, or a broken installation
             _state["import_error"] = f"pykeops unavailable: {type(e).__name__}: {e}"
     return _state["module"]
 
 
-def _writable(folder: str) -> bool:
-    while folder and not os.path.exists(folder):
-        parent = os.path.dirname(folder)
-        if parent == folder:
-            break
-        folder = parent
-    return os.access(folder, os.W_OK)
+def _untrusted(folder: str) -> str | None:
+    """Why KeOps must not load compiled formulas from `folder` (or its nearest existing parent), or None."""
+    path = Path(folder)
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    reason = native_cache.untrusted_reason(path)
+    if reason is None and not os.access(path, os.W_OK):
+        reason = f"{path} is not writable"
+    return reason
+
+
+def _trusted_keops_cache() -> None:
+    """Point KEOPS_CACHE_FOLDER at a folder of ours (0700) before pykeops is imported.
+
+    pykeops reads its formula cache from that folder at import; if the configured or default one
+    could hold someone else's files, a folder under the s4lib cache is used instead (with a warning).
+    """
+    try:
+        from importlib.metadata import version
+
+        default = os.path.join(os.path.expanduser("~"), ".cache", f"keops{version('keopscore')}")
+    except Exception:
+        return  # not installed: the import below reports it
+    wanted = os.environ.get("KEOPS_CACHE_FOLDER") or default
+    reason = _untrusted(wanted)
+    if reason is None:
+        native_cache.make_private_dir(Path(wanted))
+        reason = native_cache.untrusted_reason(Path(wanted))
+    if reason is not None:
+        private = native_cache.trusted_subdir("keops")
+        warnings.warn(f"s4lib: not using the KeOps cache folder {wanted}: {reason}; using {private}",
+                      RuntimeWarning, stacklevel=4)
+        os.environ["KEOPS_CACHE_FOLDER"] = str(private)
 
 
 def _reduce(name: str, *args: torch.Tensor) -> torch.Tensor:

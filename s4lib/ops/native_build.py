@@ -1,42 +1,99 @@
-"""Finds, compiles (once, cached) and loads the C++ CPU kernels in `kernels/`.
+"""Builds, caches and loads every C++ extension of the project: one place decides flags, cache keys and failures.
 
 The sources live in `<repo>/kernels` in a source checkout and are shipped as the package data
-`s4lib._kernels_src` when installed. They are compiled on first use with
-torch.utils.cpp_extension (ninja) into a build directory keyed by the torch version, the
-compiler, the flags, the CPU and a hash of the sources:
+`s4lib._kernels_src` when installed. A module is compiled on first use with
+torch.utils.cpp_extension (ninja) into a folder keyed by everything that changes the binary:
 
-    $S4LIB_CACHE (default $XDG_CACHE_HOME/s4lib or ~/.cache/s4lib) / native-torch<ver>-<key>/
+    <cache root> / <name>-torch<version>-<key> /     (cache root: see native_cache)
 
-The build uses -march=native (hence the CPU in the key). Loading registers the `s4lib_cpu::*`
-torch ops. A failure (no compiler, no ninja, compile error) is remembered for the process and
-reported by `native_status()` as one clear sentence; nothing is retried until the process restarts.
+key = sha256 of the sources and headers, the torch version and build, the Python ABI, the
+compiler's path and `--version`, the flags (native_flags.build_flags) and the CPU. The C++ standard is the
+one torch's extension builder picks for the torch in use (torch >= 2.14's headers need C++20);
+no -std flag is passed. -march=native and the other optional flags are used only where the
+compiler accepts them (probed once per compiler, cached).
+
+A built library is loaded only after its recorded sha256 matches (native_cache). A failed build
+is remembered on disk in the same folder (`failed.json`, with the whole compiler output in
+`build.log`): later processes with the same key fall back at once with a one-line reason; a new
+key (torch, compiler, flags, sources) tries again, and `s4lib build-kernels` retries on demand.
+`s4lib info` reports each declared module as loaded / built / failed / not tried yet.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import importlib.util
+import json
 import os
 import platform
+import re
 import shutil
+import sys
 import threading
 import time
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; concurrent first builds are not serialised there
+    fcntl = None
+
+from . import native_cache
+from .native_flags import (BASE_CFLAGS, OPTIONAL_CFLAGS, accepted_optional_flags, build_flags,  # noqa: F401
+                           compiler, compiler_path, compiler_version, cpu_signature, link_flags)
+
 SOURCES = ("cauchy_cpu.cpp", "vandermonde_cpu.cpp", "torch_bindings_cpu.cpp")
 HEADERS = ("s4lib_cpu.h",)
-# -fopenmp matters: at::parallel_for in ATen's headers is a serial loop unless the translation
-# unit is compiled with OpenMP (the call then runs on torch's own OpenMP pool, whose libgomp the
-# extension shares through its soname). Apple's clang has no -fopenmp: there the kernels run serially.
-_OPENMP = () if platform.system() == "Darwin" else ("-fopenmp",)
-CFLAGS = ("-O3", "-std=c++17", "-march=native", "-mprefer-vector-width=512", "-fopenmp-simd",
-          "-fno-math-errno", "-fno-trapping-math") + _OPENMP
-LDFLAGS = _OPENMP
+KERNELS = "s4lib_native_cpu"
+LOG_COMMAND = "s4lib info --verbose"  # shows the full log of a failed build
+BUILD_FORMAT = "2"  # bump when the layout of a build folder changes
 
-_lock = threading.Lock()
-_state: dict = {"loaded": False, "error": None, "path": None, "seconds": None}
 
+class NativeBuildError(RuntimeError):
+    """A native module cannot be used here; str() is one line: the reason, and where the full log is."""
+
+    def __init__(self, reason: str, log: Path | None = None):
+        self.reason, self.log = reason, log
+        super().__init__(f"{reason}; full log: {LOG_COMMAND}" if log is not None else reason)
+
+
+@dataclass(frozen=True)
+class Module:
+    """A native module's recipe: its name (the library's), its sources in kernels/, its extra flags."""
+
+    name: str
+    sources: tuple
+    extra_cflags: tuple = ()
+    label: str = ""
+    python_module: bool = True
+
+
+_lock = threading.RLock()
+_declared: dict[str, Module] = {}
+_loaded: dict[str, dict] = {}   # key -> {"module", "path", "seconds", "compiled"}
+_failed: dict[str, NativeBuildError] = {}  # key -> error, for this process
+
+
+def declare(name: str, sources, extra_cflags=(), label: str = "", python_module: bool = True) -> Module:
+    """Make a native module known to `s4lib info` / `s4lib build-kernels` (load_module declares it too)."""
+    module = Module(name, tuple(sources), tuple(extra_cflags), label or name, python_module)
+    _declared[name] = module
+    return module
+
+
+def declared_modules() -> list[Module]:
+    return list(_declared.values())
+
+
+KERNELS_MODULE = declare(KERNELS, SOURCES, (), "native C++ kernels", python_module=False)
+
+
+# ------------------------------------------------------------------------------------ toolchain
 
 def source_dir() -> Path | None:
     """Directory holding the C++ sources: the checkout's kernels/ or the installed package data."""
@@ -54,180 +111,336 @@ def source_dir() -> Path | None:
 
 
 def cache_root() -> Path:
-    if os.environ.get("S4LIB_CACHE"):
-        return Path(os.environ["S4LIB_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "s4lib"
+    return native_cache.cache_root()
 
 
-def compiler() -> str:
-    """The C++ compiler torch.utils.cpp_extension will use ($CXX, else c++)."""
-    return os.environ.get("CXX", "c++")
+def _cpp_extension():
+    """torch.utils.cpp_extension, imported without its CUDA_HOME notice (these builds are CPU-only)."""
+    import logging
 
-
-def compiler_path() -> str | None:
-    return shutil.which(compiler())
-
-
-def _cpu_signature() -> str:
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
     try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return platform.machine() + line
-    except OSError:
-        pass
-    return platform.machine() + platform.processor()
+        import torch.utils.cpp_extension as cpp_extension
+    finally:
+        logger.setLevel(level)
+    return cpp_extension
 
 
-def build_key(src: Path, names=SOURCES + HEADERS, flags=CFLAGS) -> str:
-    h = hashlib.sha256()
-    for name in names:
-        h.update(name.encode())
-        h.update((src / name).read_bytes())
-    for part in (torch.__version__, compiler(), str(compiler_path()), " ".join(flags), _cpu_signature()):
-        h.update(part.encode())
-    return h.hexdigest()[:16]
+def ninja_found() -> bool:
+    """Is ninja on PATH (as torch.utils.cpp_extension looks for it)? Checked without importing that module,
+    which takes half a second (setuptools): a process that falls back after a recorded failure never needs it."""
+    return shutil.which("ninja") is not None
 
 
-def build_dir(src: Path, names=SOURCES + HEADERS, flags=CFLAGS, prefix: str = "native") -> Path:
-    version = torch.__version__.replace("+", "_")
-    return cache_root() / f"{prefix}-torch{version}-{build_key(src, names, flags)}"
+def _problem(module: Module) -> str | None:
+    """Why a build of `module` cannot even be attempted, or None."""
 
-
-def _problem() -> str | None:
-    """Why a build cannot even be attempted, or None."""
-    from torch.utils.cpp_extension import is_ninja_available
-
-    if source_dir() is None:
+    src = source_dir()
+    if src is None:
         return "C++ sources not found (expected <repo>/kernels or the installed s4lib._kernels_src)"
+    missing = [s for s in module.sources if not (src / s).is_file()]
+    if missing:
+        return f"C++ sources {missing} not found in {src}"
     if compiler_path() is None:
-        return f"no C++ compiler: CXX={compiler()!r} not found on PATH"
-    if not is_ninja_available():
+        return f"no C++ compiler (CXX={compiler()!r} not found)"
+    if not ninja_found():
         return "ninja not found (pip install ninja)"
     return None
 
 
-def _short(error: BaseException) -> str:
-    text = str(error).strip()
-    lines = [line for line in text.splitlines() if line.strip()]
-    errors = [line for line in lines if "error" in line.lower()]
-    detail = (errors or lines or [type(error).__name__])[-3:]
-    return " | ".join(s.strip()[:300] for s in detail)
+def build_key(module: Module) -> str:
+    """Hash of everything that changes `module`'s binary."""
+    src = source_dir()
+    h = hashlib.sha256()
+    for name in tuple(module.sources) + HEADERS:
+        h.update(name.encode() + b"\0" + (src / name).read_bytes() + b"\0")
+    parts = (BUILD_FORMAT, module.name, str(module.python_module), torch.__version__,
+             str(getattr(torch.version, "git_version", "")), str(torch._C._GLIBCXX_USE_CXX11_ABI),
+             sys.implementation.cache_tag, platform.machine(), os.path.realpath(compiler_path() or compiler()),
+             compiler_version(), " ".join(build_flags(module.extra_cflags)), " ".join(link_flags()),
+             cpu_signature())
+    for part in parts:
+        h.update(part.encode() + b"\0")
+    return h.hexdigest()[:16]
 
 
-def load(verbose: bool = False) -> None:
-    """Compile (if not cached) and load the CPU kernels; raise RuntimeError with the reason if impossible."""
-    with _lock:
-        if _state["loaded"]:
-            return
-        if _state["error"] is not None:
-            raise RuntimeError(_state["error"])
-        problem = _problem()
-        if problem is not None:
-            _state["error"] = f"native CPU kernels unavailable: {problem}"
-            raise RuntimeError(_state["error"])
-        src = source_dir()
-        directory = build_dir(src)
-        directory.mkdir(parents=True, exist_ok=True)
-        start = time.perf_counter()
+_memo: dict = {}  # (module, environment) -> (problem, key)
+
+
+def _resolve(module: Module) -> tuple:
+    """(why it cannot be built or None, its build key), computed once per module and environment."""
+    memo_key = (module, compiler(), os.environ.get("PATH", ""), str(native_cache.configured_root()))
+    if memo_key not in _memo:
+        problem = _problem(module)
+        _memo[memo_key] = (problem, None if problem else build_key(module))
+    return _memo[memo_key]
+
+
+def build_dir(module: Module) -> Path:
+    version = torch.__version__.replace("+", "_")
+    return cache_root() / f"{module.name}-torch{version}-{_resolve(module)[1] or build_key(module)}"
+
+
+# ------------------------------------------------------------------------------------ failures
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def summarize(log: str, limit: int = 72) -> str | None:
+    """A compiler log in a few words: its first error message, or None if it names none."""
+    lines = [_ANSI.sub("", line).strip() for line in log.splitlines() if line.strip()]
+    for pattern in (r"(?:fatal )?error: (.+)", r"(undefined reference to .+)", r"(cannot find -l\S+)"):
+        message = next((m.group(1) for m in map(re.compile(pattern).search, lines) if m), None)
+        if message:
+            message = message.strip()
+            return message if len(message) <= limit else message[: limit - 1] + "…"
+    return None
+
+
+def _record_failure(directory: Path, log: Path, reason: str) -> None:
+    record = {"reason": reason, "log": str(log), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "torch": torch.__version__, "compiler": f"{compiler_path()} ({compiler_version()})"}
+    tmp = directory / "failed.json.tmp"
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, directory / "failed.json")
+
+
+def recorded_failure(directory: Path) -> NativeBuildError | None:
+    path = directory / "failed.json"
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        return NativeBuildError(str(record["reason"]), Path(record["log"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return NativeBuildError("C++ build failed earlier (unreadable record)", directory / "build.log")
+
+
+# ------------------------------------------------------------------------------------ building
+
+def _flush() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            stream.flush()
+
+
+@contextlib.contextmanager
+def _output_to(log_path: Path):
+    """Send this process's stdout and stderr (Python's and the file descriptors') to log_path."""
+    _flush()
+    saved = [os.dup(1), os.dup(2)]
+    with open(log_path, "a", buffering=1) as log:
         try:
-            from torch.utils.cpp_extension import load as cpp_load
-
-            cpp_load(
-                name="s4lib_native_cpu",
-                sources=[str(src / name) for name in SOURCES],
-                extra_cflags=list(CFLAGS),
-                extra_ldflags=list(LDFLAGS),
-                extra_include_paths=[str(src)],
-                build_directory=str(directory),
-                is_python_module=False,
-                verbose=verbose,
-            )
-        except Exception as e:  # compiler errors, missing headers, link errors
-            _state["error"] = f"native CPU kernels failed to build with {compiler()!r}: {_short(e)}"
-            raise RuntimeError(_state["error"]) from e
-        _state.update(loaded=True, path=str(directory), seconds=time.perf_counter() - start)
+            os.dup2(log.fileno(), 1), os.dup2(log.fileno(), 2)
+            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                yield log
+        finally:
+            _flush()
+            os.dup2(saved[0], 1), os.dup2(saved[1], 2)
+            os.close(saved[0]), os.close(saved[1])
 
 
-_modules: dict = {}  # name -> {"module", "error", "path", "seconds"}
+@contextlib.contextmanager
+def _folder_lock(directory: Path):
+    """One process at a time builds (or inspects a build) in a folder; the others wait."""
+    if fcntl is None:
+        yield
+        return
+    with open(directory / ".lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _library_path(directory: Path, module: Module) -> Path:
+    return directory / f"{module.name}{'.pyd' if sys.platform == 'win32' else '.so'}"  # cpp_extension's LIB_EXT
+
+
+def _import_library(module: Module, path: Path):
+    """Load a verified library: register its torch ops, or import it as a Python module."""
+    if not module.python_module:
+        torch.ops.load_library(str(path))
+        return str(path)
+    spec = importlib.util.spec_from_file_location(module.name, str(path))
+    loaded = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loaded)
+    return loaded
+
+
+def _compile(module: Module, directory: Path, verbose: bool):
+    """Clean build of `module` in `directory`: (loaded module, library path); records a failure and raises."""
+    cpp_load = _cpp_extension().load
+    src = source_dir()
+    for entry in directory.iterdir():  # nothing left over (or planted) is linked in
+        if entry.name == ".lock":
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    log = directory / "build.log"
+    cflags, ldflags = build_flags(module.extra_cflags), link_flags()
+    if verbose or (sys.stderr is not None and sys.stderr.isatty()):  # a minute of silence would look like a hang
+        print(f"s4lib: compiling the {module.label or module.name} (once for this torch and compiler; about a "
+              f"minute) in {directory}", file=sys.stderr, flush=True)
+    log.write_text(f"# {module.label or module.name}: torch {torch.__version__}, compiler {compiler_path()} "
+                   f"({compiler_version()})\n# flags {' '.join(cflags)} | link {' '.join(ldflags)}\n")
+    os.chmod(log, 0o600)
+    try:
+        with _output_to(log):
+            result = cpp_load(name=module.name, sources=[str(src / s) for s in module.sources],
+                              extra_cflags=list(cflags), extra_ldflags=list(ldflags),
+                              extra_include_paths=[str(src)], build_directory=str(directory),
+                              is_python_module=module.python_module, verbose=True)
+    except Exception as e:  # compiler errors, missing headers, link errors, a failing import
+        with open(log, "a") as f:
+            f.write(f"\n# {type(e).__name__}: {e}\n")
+        first_line = (str(e).strip().splitlines() or [""])[0][:72]
+        why = summarize(log.read_text()) or f"{type(e).__name__}: {first_line}"
+        reason = f"{module.label or module.name} build failed: {why}"
+        _record_failure(directory, log, reason)
+        if verbose:
+            print(log.read_text(), file=sys.stderr)
+        raise NativeBuildError(reason, log) from e
+    library = Path(result if isinstance(result, str) else result.__file__)
+    native_cache.record_hash(library)
+    if verbose:
+        print(log.read_text())
+    return result, library
+
+
+def build(module: Module, force: bool = False, verbose: bool = False):
+    """Load `module` from the cache, or compile it; returns the Python module (or the library path).
+
+    force: retry a build that failed before (and show its log with verbose). Raises
+    NativeBuildError with a one-line reason when the module cannot be used.
+    """
+    with _lock:
+        _declared.setdefault(module.name, module)
+        problem, key = _resolve(module)
+        if problem is not None:
+            raise NativeBuildError(f"{module.label or module.name} off: {problem}")
+        if key in _loaded:
+            return _loaded[key]["module"]
+        if key in _failed and not force:
+            raise _failed[key]
+        try:
+            directory = native_cache.trusted_subdir(build_dir(module).name)
+        except (PermissionError, OSError) as e:
+            raise NativeBuildError(f"{module.label or module.name} off: {e}") from e
+        start = time.perf_counter()
+        with _folder_lock(directory):
+            failure = recorded_failure(directory)
+            if failure is not None and not force:
+                _failed[key] = failure
+                raise failure
+            library, compiled = _library_path(directory, module), False
+            refusal = native_cache.verified(library) if library.exists() else "not built"
+            if refusal is None:
+                loaded = _import_library(module, library)
+            else:
+                if library.exists():
+                    warnings.warn(f"s4lib: rebuilding {library}: {refusal}", RuntimeWarning, stacklevel=3)
+                try:
+                    loaded, library = _compile(module, directory, verbose)
+                except NativeBuildError as e:
+                    _failed[key] = e
+                    raise
+                compiled = True
+        _failed.pop(key, None)
+        _loaded[key] = {"name": module.name, "module": loaded, "path": str(library),
+                        "seconds": time.perf_counter() - start, "compiled": compiled}
+        return loaded
 
 
 def load_module(name: str, sources, extra_cflags=(), verbose: bool = False):
     """Compile (if not cached) and import the pybind11 extension `name` built from kernels/`sources`.
 
-    Same compiler, flags (CFLAGS + extra_cflags) and cache layout as the CPU kernels, in its own
-    build directory (`<name>-torch<ver>-<key>`). Returns the Python module; raises RuntimeError with
-    one clear sentence if it cannot be built. A failure is remembered per name for the process.
+    Same flags (build_flags(extra_cflags)), cache and failure memory as the CPU kernels, in its
+    own build folder. Returns the Python module; raises NativeBuildError (a RuntimeError) with
+    one line saying why if it cannot be used.
     """
-    with _lock:
-        entry = _modules.setdefault(name, {"module": None, "error": None, "path": None, "seconds": None})
-        if entry["module"] is not None:
-            return entry["module"]
-        if entry["error"] is not None:
-            raise RuntimeError(entry["error"])
-        problem = _problem()
-        src = source_dir()
-        if problem is None and not all((src / s).is_file() for s in sources):
-            problem = f"C++ sources {list(sources)} not found in {src}"
-        if problem is not None:
-            entry["error"] = f"{name} unavailable: {problem}"
-            raise RuntimeError(entry["error"])
-        flags = tuple(CFLAGS) + tuple(extra_cflags)
-        names = tuple(sources) + HEADERS
-        directory = build_dir(src, names, flags, prefix=name)
-        directory.mkdir(parents=True, exist_ok=True)
-        start = time.perf_counter()
-        try:
-            from torch.utils.cpp_extension import load as cpp_load
+    module = _declared.get(name)
+    if module is None or module.sources != tuple(sources) or module.extra_cflags != tuple(extra_cflags):
+        module = declare(name, sources, extra_cflags, label=module.label if module else "")
+    return build(module, verbose=verbose)
 
-            module = cpp_load(name=name, sources=[str(src / s) for s in sources], extra_cflags=list(flags),
-                              extra_ldflags=list(LDFLAGS), extra_include_paths=[str(src)],
-                              build_directory=str(directory),
-                              is_python_module=True, verbose=verbose)
-        except Exception as e:  # compiler errors, missing headers, link errors
-            entry["error"] = f"{name} failed to build with {compiler()!r}: {_short(e)}"
-            raise RuntimeError(entry["error"]) from e
-        entry.update(module=module, path=str(directory), seconds=time.perf_counter() - start)
-        return module
+
+def load(verbose: bool = False) -> None:
+    """Compile (if not cached) and load the CPU kernels (the s4lib_cpu::* ops); raise NativeBuildError if impossible."""
+    build(KERNELS_MODULE, verbose=verbose)
+
+
+# ------------------------------------------------------------------------------------ status
+
+@dataclass
+class Status:
+    """What is known about a module here without building it."""
+
+    state: str            # 'loaded', 'built', 'failed', 'unavailable' or 'not built'
+    reason: str           # one line
+    path: str | None = None
+    log: str | None = None
+
+    @property
+    def usable(self) -> bool:
+        return self.state in ("loaded", "built", "not built")
+
+
+def status(module: Module) -> Status:
+    """The module's state: loaded in this process, built on disk, failed (with its log), or not built yet."""
+    label = module.label or module.name
+    problem, key = _resolve(module)
+    if problem is not None:
+        return Status("unavailable", f"{label} off: {problem}")
+    if key in _loaded:
+        return Status("loaded", f"{label} loaded from {_loaded[key]['path']}", _loaded[key]["path"])
+    if key in _failed:
+        e = _failed[key]
+        return Status("failed", str(e), log=str(e.log) if e.log else None)
+    directory = build_dir(module)
+    failure = recorded_failure(directory)
+    if failure is not None:
+        _failed[key] = failure  # later calls in this process answer from memory
+        return Status("failed", str(failure), str(directory), str(failure.log))
+    library = _library_path(directory, module)
+    if library.exists() and native_cache.verified(library) is None:
+        return Status("built", f"built in {directory}", str(library))
+    return Status("not built", f"not built yet: compiles on first use (about a minute) or with "
+                               f"`s4lib build-kernels` ({compiler_path()})", str(directory))
 
 
 def module_status(name: str, sources, extra_cflags=()) -> tuple[bool, str]:
     """(usable, reason) for a load_module extension without building it."""
-    entry = _modules.get(name, {})
-    if entry.get("module") is not None:
-        return True, f"{name} loaded from {entry['path']}"
-    if entry.get("error") is not None:
-        return False, entry["error"]
-    problem = _problem()
-    src = source_dir()
-    if problem is None and not all((src / s).is_file() for s in sources):
-        problem = f"C++ sources {list(sources)} not found in {src}"
-    if problem is not None:
-        return False, f"{name} unavailable: {problem}"
-    directory = build_dir(src, tuple(sources) + HEADERS, tuple(CFLAGS) + tuple(extra_cflags), prefix=name)
-    how = "cached build" if any(directory.glob("*.so")) else "will compile on first use (~30 s)"
-    return True, f"{name}: {how}, compiler {compiler_path()}"
+    module = _declared.get(name)
+    if module is None or module.sources != tuple(sources) or module.extra_cflags != tuple(extra_cflags):
+        module = Module(name, tuple(sources), tuple(extra_cflags), module.label if module else name)
+    s = status(module)
+    return s.usable, s.reason
 
 
 def is_loaded() -> bool:
-    return _state["loaded"]
+    return any(v["name"] == KERNELS for v in _loaded.values())
 
 
 def native_status() -> tuple[bool, str]:
     """(usable, reason) for the CPU kernels without building them."""
-    if _state["loaded"]:
-        return True, f"C++ kernels loaded from {_state['path']}"
-    if _state["error"] is not None:
-        return False, _state["error"]
-    problem = _problem()
-    if problem is not None:
-        return False, f"native CPU kernels unavailable: {problem}"
-    src = source_dir()
-    cached = any(build_dir(src).glob("*.so"))
-    how = "cached build" if cached else "will compile on first use (~1 min)"
-    return True, f"C++ kernels {how}, compiler {compiler_path()}"
+    s = status(KERNELS_MODULE)
+    return s.usable, s.reason
+
+
+def last_build(module: Module = KERNELS_MODULE) -> dict | None:
+    """{'path', 'seconds', 'compiled'} of the module's load in this process, or None."""
+    for value in _loaded.values():
+        if value["name"] == module.name:
+            return {k: v for k, v in value.items() if k not in ("module", "name")}
+    return None
 
 
 def last_build_seconds() -> float | None:
-    return _state["seconds"]
+    info = last_build()
+    return info["seconds"] if info else None

@@ -63,12 +63,14 @@ from s4lib.ssm import SSMKernelDiag, SSMKernelDPLR
 
 from ..nn.backbone import FFBlock, ResidualBlock
 from ..models.autoregressive import WaveformAR
+from .sampling import check_sampling
 
-__all__ = ["FastPathUnavailable", "FastStepper", "fast_path_status", "sample"]
+__all__ = ["FastPathUnavailable", "FastStepper", "fast_path_status", "engine_sample"]
 
 _NAME = "sashimi_step_cpu"
 _SOURCES = ("sashimi_step_cpu.cpp",)
 _EXTRA_CFLAGS = ("-ffp-contract=fast",)  # fused multiply-adds in the vector loops
+native_build.declare(_NAME, _SOURCES, _EXTRA_CFLAGS, label="fused step engine")  # listed by `s4lib info`
 _VECTOR = 16  # floats per vector in the engine (activations are padded to a multiple)
 _MAX_RANK = 4
 _DIAG, _DPLR = 0, 1
@@ -82,7 +84,7 @@ def _load():
     try:
         return native_build.load_module(_NAME, _SOURCES, extra_cflags=_EXTRA_CFLAGS)
     except RuntimeError as e:
-        raise FastPathUnavailable(f"fused step engine unavailable: {e}") from e
+        raise FastPathUnavailable(str(e)) from e  # one line: "fused step engine ...: why; full log: ..."
 
 
 # ----------------------------------------------------------------------------------- support checks
@@ -167,7 +169,8 @@ def _all_blocks(backbone):
 def fast_path_status(model=None) -> tuple[bool, str]:
     """(usable, reason): can the fused engine be built here (and serve `model`, if given)?
 
-    Does not compile anything; a build failure is only known after the first FastStepper.
+    Does not compile anything: a build that failed before (in any process, with the same
+    torch, compiler, flags and sources) is reported as failed; one not tried yet as usable.
     """
     if model is not None:
         reason = unsupported_reason(model)
@@ -487,13 +490,7 @@ class FastStepper:
 
 
 def _check_sampling(uniforms, temperature, top_k, top_p, shape):
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0 \
-            or temperature == float("inf"):
-        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-        raise ValueError(f"top_k must be an int >= 0 (0 = no top-k truncation), got {top_k!r}")
-    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    check_sampling(temperature, top_k, top_p)
     if not isinstance(uniforms, torch.Tensor) or not uniforms.is_floating_point() or uniforms.dim() != len(shape) \
             or any(s is not None and s != d for s, d in zip(shape, uniforms.shape)):
         want = ", ".join("n" if s is None else str(s) for s in shape)
@@ -505,9 +502,12 @@ def _check_sampling(uniforms, temperature, top_k, top_p, shape):
     return uniforms
 
 
-def sample(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
-           top_p: float = 1.0):
-    """The engine's sampling rule on given logits (B, V): (tokens (B,) int64, logprobs (B,) float64)."""
+def engine_sample(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
+                  top_p: float = 1.0):
+    """The engine's own sampling code on given logits (B, V): (tokens (B,) int64, logprobs (B,) float64).
+
+    The same rule as sashimi.pipelines.sampling.sample (the oracle the tests compare it with).
+    """
     if not isinstance(logits, torch.Tensor) or not logits.is_floating_point() or logits.dim() != 2:
         raise ValueError(f"logits must be a float tensor (batch, n_classes), got {getattr(logits, 'shape', logits)}")
     B = logits.shape[0]

@@ -11,14 +11,13 @@ spectrogram image per sample, each referring to a file next to it by a relative 
 from __future__ import annotations
 
 import html
-import json
 import math
 import os
-import tempfile
 
 import numpy as np
 
 from ..data.audio import save_audio
+from ..files import atomic_write, write_json
 
 __all__ = ["write_report", "spectrogram_png"]
 
@@ -30,19 +29,6 @@ td, th { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; font-s
 .sample img { display: block; max-width: 100%; margin-top: 0.5em; }
 .note { color: #666; font-size: 0.9em; }
 """
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def spectrogram_png(path: str, audio: np.ndarray, sample_rate: int, title: str = "", mark_seconds: float | None = None):
@@ -74,7 +60,7 @@ def spectrogram_png(path: str, audio: np.ndarray, sample_rate: int, title: str =
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90)
-    _atomic_write(path, buffer.getvalue())
+    atomic_write(path, buffer.getvalue())
 
 
 def _table(rows: dict) -> str:
@@ -122,7 +108,7 @@ def write_report(out_dir: str, result, info: dict | None = None, title: str = "s
 
     record = {"info": info, **summary}
     json_path = os.path.join(out_dir, "samples.json")
-    _atomic_write(json_path, (json.dumps(record, indent=2, default=str) + "\n").encode())
+    write_json(json_path, record, default=str)
 
     throughput = summary["throughput"]
     settings = {k: v for k, v in summary["settings"].items() if v is not None}
@@ -143,5 +129,5 @@ def write_report(out_dir: str, result, info: dict | None = None, title: str = "s
         + f"<h2>Settings</h2>{_table(settings)}<h2>Samples</h2>{''.join(cards)}"
         "<p class=\"note\">Per-sample numbers are in samples.json.</p></body></html>\n")
     index_path = os.path.join(out_dir, "index.html")
-    _atomic_write(index_path, page.encode())
+    atomic_write(index_path, page.encode())
     return {"index": index_path, "json": json_path, "wavs": wavs, "pngs": pngs}

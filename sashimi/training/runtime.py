@@ -2,7 +2,7 @@
 
 Processes / setup_processes (torchrun ranks and devices), GlobalBatches / batch_stream (the
 deterministic, resumable order of global batches), seed_everything, StopFlag (SIGINT/SIGTERM stop the
-loop after a step) and the metrics helpers write_json / read_metrics / plot_curves.
+loop after a step) and the metrics-file helpers read_metrics / plot_curves.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from .checkpoint import atomic_write
+from ..files import atomic_write
 
 __all__ = ["Processes", "setup_processes", "GlobalBatches", "batch_stream", "seed_everything", "StopFlag",
-           "write_json", "read_metrics", "plot_curves"]
+           "read_metrics", "plot_curves"]
 
 
 # ----------------------------------------------------------------------------- processes
@@ -152,10 +152,6 @@ class StopFlag:
 # ----------------------------------------------------------------------------- files
 
 
-def write_json(path: str, obj) -> None:
-    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
-
-
 def read_metrics(path: str) -> list[dict]:
     if not os.path.exists(path):
         return []
@@ -163,8 +159,8 @@ def read_metrics(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def plot_curves(metrics_path: str, png_path: str) -> None:
-    """Train and validation bits/sample against step, from metrics.jsonl."""
+def plot_curves(metrics_path: str, png_path: str, metric: str = "bits", unit: str = "bits/sample") -> None:
+    """Train and validation `metric` (train_<metric>, val_<metric>) against step, from metrics.jsonl."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -172,12 +168,12 @@ def plot_curves(metrics_path: str, png_path: str) -> None:
     fig = Figure(figsize=(7, 4.5))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    for key, style in (("train_bits", "-"), ("val_bits", "o-")):
+    for key, style in ((f"train_{metric}", "-"), (f"val_{metric}", "o-")):
         points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
         if points:
             ax.plot(*zip(*points), style, label=key.replace("_", " "), markersize=3)
     ax.set_xlabel("step")
-    ax.set_ylabel("NLL (bits / sample)")
+    ax.set_ylabel(unit)
     ax.grid(alpha=0.3)
     if records:
         ax.legend()

@@ -64,7 +64,7 @@ def run_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(run_dir):
-    from sashimi.training.loop import load_checkpoint, model_from_checkpoint
+    from sashimi.training.checkpoint import load_checkpoint, model_from_checkpoint
 
     return model_from_checkpoint(load_checkpoint(os.path.join(run_dir, "last.pt"))).eval()
 
@@ -479,11 +479,11 @@ def test_cli_generate_error_exits_nonzero_without_traceback(tmp_path):
 
 
 def test_cli_demo_trains_generates_and_says_where_to_look(tmp_path, capsys, monkeypatch):
-    import sashimi.cli
+    import sashimi.demo
 
     # the demo's recipe, shrunk: shorter clips, one validation and one test clip
-    monkeypatch.setattr(sashimi.cli, "_DEMO_TRAIN", {**sashimi.cli._DEMO_TRAIN, "sample_len": 256, "n_val_items": 1})
-    monkeypatch.setattr(sashimi.cli, "_DEMO_TEST_CLIPS", 1)
+    monkeypatch.setattr(sashimi.demo, "DEMO_TRAIN", {**sashimi.demo.DEMO_TRAIN, "sample_len": 256, "n_val_items": 1})
+    monkeypatch.setattr(sashimi.demo, "DEMO_TEST_CLIPS", 1)
     out = str(tmp_path / "demo")
     assert cli_main(["demo", "--out", out, "--minutes", "0.01", "--n", "2", "--seconds", "0.05", "--no-progress"]) == 0
     printed = capsys.readouterr().out
