@@ -39,6 +39,23 @@ def _threads(args):
         torch.set_num_threads(args.threads)
 
 
+def flow_dataset(config, data: str, split: str = "train", n_items: int | None = None):
+    """Audio items at the model's rate and clip length (captioned for prompt models), or a reflow pair folder."""
+    if isinstance(data, str) and os.path.exists(os.path.join(data, "pairs.json")):
+        from .pipelines.reflow import ReflowPairs
+
+        return ReflowPairs(data)
+    from .data.datasets import dataset_for
+    from .training.flow_fit import CaptionedDataset
+
+    dataset = dataset_for(config, data, split, n_items=n_items)
+    if config.condition == "text":
+        if not hasattr(dataset, "clip_info"):
+            raise ValueError("a prompt-conditioned model trains on the builtin data (its clips have captions)")
+        dataset = CaptionedDataset(dataset)
+    return dataset
+
+
 # ----------------------------------------------------------------------------- train-flow
 def add_train_flow_arguments(p):
     p.add_argument("--preset", required=True, help="a rectified-flow (rf-*) or DiffWave (diffwave-*) preset")
@@ -50,7 +67,7 @@ def add_train_flow_arguments(p):
 
 def run_train_flow(args) -> int:
     from .models import diffwave, rectified_flow
-    from .training.flow_fit import fit, flow_dataset
+    from .training.flow_fit import fit
 
     _threads(args)
     if args.preset in rectified_flow.PRESETS:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from sashimi.objectives.diffwave import diffwave_objective
+from ..objectives.base import Objective
+from ..objectives.diffwave import diffwave_objective
+from ..objectives.rectified_flow import flow_count
 from .flow_config import FlowConfig
 from .flow_model import FlowModel
+from .registry import register_family
 
 __all__ = ["PRESETS", "DiffWaveModel", "objective", "build"]
 
@@ -22,11 +25,13 @@ PRESETS: dict[str, FlowConfig] = {
                                 **_BASE),
 }
 
-objective = diffwave_objective
+objective = Objective(diffwave_objective, metric="mse", unit="MSE/element (eps)", summary_key="mse", count=flow_count)
 
 
 class DiffWaveModel(FlowModel):
     """A FlowModel that predicts the noise eps of a DDPM (see sashimi.objectives.diffwave)."""
+
+    objective = objective  # what sashimi.training minimises
 
 
 def build(config="diffwave-tiny", **overrides) -> DiffWaveModel:
@@ -40,3 +45,6 @@ def build(config="diffwave-tiny", **overrides) -> DiffWaveModel:
     if config.family != "diffwave":
         raise ValueError(f"a {config.family!r} config is not a DiffWave config")
     return DiffWaveModel(config)
+
+
+register_family("diffwave", FlowConfig, DiffWaveModel, PRESETS)

@@ -8,9 +8,6 @@ the model's space (raw samples, or normalised log-mel frames) and `decode` maps 
 
 from __future__ import annotations
 
-import json
-import os
-
 import torch
 import torch.nn as nn
 
@@ -18,11 +15,12 @@ from sashimi.nn.embeddings import LabelEmbedding
 from sashimi.nn.flow_unet import FlowUNet
 from sashimi.nn.text_encoder import TextEncoder
 from .flow_config import FlowConfig
+from .pretrained import PretrainedMixin
 
 __all__ = ["FlowModel"]
 
 
-class FlowModel(nn.Module):
+class FlowModel(PretrainedMixin, nn.Module):
     def __init__(self, config: FlowConfig):
         super().__init__()
         if not isinstance(config, FlowConfig):
@@ -172,34 +170,6 @@ class FlowModel(nn.Module):
 
         c = self.config
         return DiffusionSchedule(c.T, c.beta_start, c.beta_end)
-
-    # ------------------------------------------------------------------ files
-    def save_pretrained(self, directory: str) -> None:
-        """config.json + model.safetensors (the text encoder, label table and null embedding included)."""
-        from safetensors.torch import save_file
-
-        os.makedirs(directory, exist_ok=True)
-        with open(os.path.join(directory, "config.json"), "w") as f:
-            json.dump(self.config.to_dict(), f, indent=2)
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, os.path.join(directory, "model.safetensors"))
-
-    @staticmethod
-    def from_pretrained(directory: str) -> "FlowModel":
-        """The model saved by save_pretrained, of its family's class."""
-        from safetensors.torch import load_file
-
-        path = os.path.join(directory, "config.json")
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{directory} holds no config.json: not a saved flow model")
-        with open(path) as f:
-            config = FlowConfig.from_dict(json.load(f))
-        if config.family == "rectified_flow":
-            from .rectified_flow import RectifiedFlowModel as cls
-        else:
-            from .diffwave import DiffWaveModel as cls
-        model = cls(config)
-        model.load_state_dict(load_file(os.path.join(directory, "model.safetensors")))
-        return model.eval()
 
     def extra_repr(self) -> str:
         n = sum(p.numel() for p in self.parameters())

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from sashimi.objectives.distill import distillation_objective
-from sashimi.objectives.rectified_flow import rectified_flow_objective
+from ..objectives.base import Objective
+from ..objectives.distill import distillation_objective
+from ..objectives.rectified_flow import flow_count, rectified_flow_objective
 from .flow_config import FlowConfig
 from .flow_model import FlowModel
+from .registry import register_family
 
 __all__ = ["PRESETS", "FlowConfig", "RectifiedFlowModel", "objective", "build", "reflow_config", "distill_config"]
 
@@ -28,15 +30,20 @@ PRESETS: dict[str, FlowConfig] = {
                          d_model=128, n_layers=4),
 }
 
-def objective(model, batch: dict):
+def stage_loss(model, batch: dict):
     """The family's loss at the model's stage: the flow MSE (1-RF, 2-RF) or the one-step distillation MSE."""
     if model.config.stage == "distilled":
         return distillation_objective(model, batch)
     return rectified_flow_objective(model, batch)
 
 
+objective = Objective(stage_loss, metric="mse", unit="MSE/element", summary_key="mse", count=flow_count)
+
+
 class RectifiedFlowModel(FlowModel):
     """A FlowModel that regresses the straight velocity x1 - x0 (see sashimi.objectives.rectified_flow)."""
+
+    objective = objective  # what sashimi.training minimises
 
 
 def reflow_config(config: FlowConfig, a: float = 4.0, immiscible: bool = True) -> FlowConfig:
@@ -60,3 +67,6 @@ def build(config="rf-tiny", **overrides) -> RectifiedFlowModel:
     if config.family != "rectified_flow":
         raise ValueError(f"a {config.family!r} config is not a rectified flow")
     return RectifiedFlowModel(config)
+
+
+register_family("rectified_flow", FlowConfig, RectifiedFlowModel, PRESETS)

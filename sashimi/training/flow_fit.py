@@ -2,11 +2,11 @@
 
     fit(model, dataset, steps=300, batch_size=8, lr=2e-3, out="runs/rf")  -> {"loss": [...], ...}
 
-Adam with a linear warm-up and cosine decay, gradient clipping, the family's objective
-(`sashimi.models.rectified_flow.objective` or `sashimi.models.diffwave.objective`), and
-save_pretrained(out) at the end. The data are a dataset of items (audio items from
-sashimi.data, or reflow pairs from sashimi.pipelines.reflow.ReflowPairs), with text captions for
-the builtin data when the model is prompt-conditioned.
+It starts from the weights the model has (a 1-RF model for 2-RF, a 2-RF model for its one-step
+student) and trains on any dataset of items (reflow pairs from sashimi.pipelines.reflow, audio
+items with captions): what the run-directory loop (sashimi.training.loop, presets and data
+folders) does not take. AdamW with a linear warm-up and cosine decay, gradient clipping, the
+objective the model's class declares, and save_pretrained(out) at the end.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ import time
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["fit", "flow_dataset", "builtin_caption", "CaptionedDataset"]
+from ..objectives.base import objective_for
+
+__all__ = ["fit", "builtin_caption", "CaptionedDataset"]
 
 
 def builtin_caption(info: dict) -> str:
@@ -43,31 +45,6 @@ class CaptionedDataset(Dataset):
         return item
 
 
-def flow_dataset(config, data: str, split: str = "train", n_items: int | None = None):
-    """Audio items at the model's rate and clip length (no quantisation), or a reflow pair folder."""
-    if isinstance(data, str) and os.path.exists(os.path.join(data, "pairs.json")):
-        from sashimi.pipelines.reflow import ReflowPairs
-
-        return ReflowPairs(data)
-    from sashimi.data.datasets import make_dataset
-
-    dataset = make_dataset(data, split, sample_rate=config.sample_rate, sample_len=config.sample_len,
-                           quantization=None, waveform=True, n_items=n_items)
-    if config.condition == "text":
-        if not hasattr(dataset, "clip_info"):
-            raise ValueError("a prompt-conditioned model trains on the builtin data (its clips have captions)")
-        dataset = CaptionedDataset(dataset)
-    return dataset
-
-
-def _objective(model):
-    if model.config.family == "rectified_flow":
-        from sashimi.models.rectified_flow import objective
-    else:
-        from sashimi.models.diffwave import objective
-    return objective
-
-
 def fit(model, dataset, *, steps: int = 300, batch_size: int = 8, lr: float = 2e-3, warmup: int = 20,
         clip: float = 1.0, seed: int = 0, out: str | None = None, log_every: int = 25, log=print) -> dict:
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -75,7 +52,7 @@ def fit(model, dataset, *, steps: int = 300, batch_size: int = 8, lr: float = 2e
     if len(dataset) == 0:
         raise ValueError("the training set is empty")
     torch.manual_seed(seed)
-    objective = _objective(model)
+    objective = objective_for(model)
     optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
 
     def lr_at(step):

@@ -69,7 +69,7 @@ def test_reflow_and_distill_report_straightness(saved, capsys, tmp_path):
                  "--steps", "2", "--out", str(tmp_path / "rf2"), "--train-steps", "2", "--batch-size", "2"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["1rf"]["S"] >= 0 and report["2rf"]["S"] >= 0 and report["train"]["stage"] == "2-rf"
-    assert json.loads((tmp_path / "rf2" / "config.json").read_text())["timestep_sampler"] == "mix_exp"
+    assert json.loads((tmp_path / "rf2" / "config.json").read_text())["config"]["timestep_sampler"] == "mix_exp"
     assert main(["distill", "--model", str(tmp_path / "rf2"), "--pairs", str(tmp_path / "pairs"),
                  "--out", str(tmp_path / "one"), "--train-steps", "2", "--batch-size", "2"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
