@@ -300,6 +300,9 @@ COMMANDS = {
                "(config.json + model.safetensors; EMA weights when present)"),
     "demo": (add_demo_arguments, run_demo, "train the tiny model for a few minutes, then generate a listening page"),
 }
+from .cli_flows import COMMANDS as _FLOW_COMMANDS  # noqa: E402  (argument parsers only; torch loads on use)
+
+COMMANDS.update(_FLOW_COMMANDS)
 
 
 def main(argv: list[str] | None = None) -> int:
