@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 import sashimi
 from sashimi.models.autoregressive import PRESETS, WaveformAR
 from sashimi.models.pretrained import CONFIG_NAME, WEIGHTS_NAME, PretrainedError, read_pretrained_config
-from s4lib.ssm import SSMKernelDPLR
+from s4lib import SSMKernelDPLR
 
 BACKEND = "naive"
 
