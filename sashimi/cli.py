@@ -54,24 +54,52 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                             metavar=f.name.upper())
 
 
+def _os_message(e: BaseException) -> str:
+    """One line for an error; an OSError names its file (if it has one) and its reason without '[Errno n]'."""
+    if isinstance(e, OSError) and e.strerror:
+        where = f"{e.filename}: " if e.filename else ""
+        return where + e.strerror.strip().splitlines()[0]
+    return _one_line(e)
+
+
+def _saved_train_config(out: str) -> dict:
+    """The training settings a run directory's config.json recorded ({} if there is none), minus the one-off
+    flags (resume, overwrite); ValueError naming the file when it cannot be read."""
+    path = os.path.join(out, "config.json")
+    if not os.path.exists(path):
+        return {}
+    problem = None
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except OSError as e:
+        problem = e.strerror or type(e).__name__
+    except ValueError as e:  # empty, truncated or not JSON
+        problem = f"not valid JSON: {str(e).splitlines()[0]}"
+    else:
+        base = saved.get("train") if isinstance(saved, dict) else None
+        if not isinstance(base, dict):
+            problem = "no 'train' settings in it"
+    if problem is not None:
+        raise ValueError(f"cannot read the run's settings from {path} ({problem}); restore or remove that file "
+                         f"(resuming then uses only the flags given, so give every flag of the run)")
+    return {k: v for k, v in base.items() if k not in ("resume", "overwrite")}
+
+
 def run_train(args: argparse.Namespace) -> int:
     from .training.checkpoint import CheckpointError
     from .training.loop import NonFiniteLossError, TrainConfig, train
 
     given = {k: v for k, v in vars(args).items() if k not in ("command", "func")}
     # --resume starts from the run's saved configuration; flags given now override it
-    base = {}
-    saved = os.path.join(given.get("out", TrainConfig.out), "config.json")
-    if given.get("resume") and os.path.exists(saved):
-        with open(saved) as f:
-            base = json.load(f)["train"]
     try:
+        base = _saved_train_config(given.get("out", TrainConfig.out)) if given.get("resume") else {}
         cfg = TrainConfig.from_dict({**base, **given})
         result = train(cfg)
-    except (ValueError, FileExistsError, FileNotFoundError, NonFiniteLossError) as e:
-        # user-caused problems (flags, data, checkpoints, divergence): a message, not a traceback
+    except (ValueError, OSError, NonFiniteLossError) as e:
+        # user-caused problems (flags, data, checkpoints, files, divergence): one line, not a traceback
         kind = "error" if not isinstance(e, CheckpointError) else "checkpoint error"
-        print(f"sashimi train: {kind}: {e}", file=sys.stderr)
+        print(f"sashimi train: {kind}: {_os_message(e)}", file=sys.stderr)
         return 1
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
         return 0
@@ -103,12 +131,16 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     from .training.evaluate import evaluate
 
+    from .training.rundir import check_output_file
+
     try:
+        if args.json is not None:  # before the evaluation, not after it
+            check_output_file(args.json, "--json")
         evaluate(args.ckpt, args.data, split=args.split, batch_size=args.batch_size, json_path=args.json,
                  use_ema=args.use_ema, preset=args.preset, n_items=args.n_items, num_workers=args.num_workers,
                  progress=args.progress)
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
-        print(f"sashimi eval: error: {e}", file=sys.stderr)
+    except (ValueError, OSError, FloatingPointError) as e:
+        print(f"sashimi eval: error: {_os_message(e)}", file=sys.stderr)
         return 1
     return 0
 
@@ -158,7 +190,17 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_generate(args: argparse.Namespace) -> int:
     from .pipelines.from_checkpoint import generate_from_checkpoint
+    from .pipelines.waveflow import generate_files, is_waveflow_checkpoint
 
+    if is_waveflow_checkpoint(args.ckpt):  # an unconditional WaveFlow: no prompt or token sampling flags
+        try:
+            if args.prefix is not None or args.top_k or args.top_p != 1.0:
+                raise ValueError("--prefix, --top-k and --top-p apply to autoregressive models, not to a WaveFlow")
+            generate_files(args.ckpt, args.out, args.n, args.seconds, args.temperature, args.seed, fast=args.fast)
+        except (ValueError, OSError) as e:
+            print(f"sashimi generate: error: {_one_line(e)}", file=sys.stderr)
+            return 1
+        return 0
     try:
         result, paths = generate_from_checkpoint(
             args.ckpt, args.out, n=args.n, seconds=args.seconds, temperature=args.temperature, top_k=args.top_k,
@@ -172,6 +214,32 @@ def run_generate(args: argparse.Namespace) -> int:
         print("sashimi generate: interrupted; nothing written", file=sys.stderr)
         return 130
     _print_generation(result, paths)
+    return 0
+
+
+# ----------------------------------------------------------------------------- vocode
+
+
+def add_vocode_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ckpt", required=True, help="WaveFlow vocoder: run directory, checkpoint file or "
+                        "shareable folder (config.json + model.safetensors)")
+    parser.add_argument("--in", dest="inputs", nargs="+", required=True, metavar="FILE",
+                        help="audio files (wav -> log-mel -> wav) or .npy log-mel arrays (n_mels, frames)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder: one listening page per input")
+    parser.add_argument("--temperature", type=float, default=1.0, help="scale of the prior's noise (default: 1)")
+    parser.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
+    parser.add_argument("--plain", dest="fast", action="store_false",
+                        help="invert with the plain oracle instead of the row-cached fast path")
+
+
+def run_vocode(args: argparse.Namespace) -> int:
+    from .pipelines.waveflow import vocode_files
+
+    try:
+        vocode_files(args.ckpt, args.inputs, args.out, args.temperature, args.seed, fast=args.fast)
+    except (ValueError, OSError) as e:  # checkpoints, audio files, mel shapes
+        print(f"sashimi vocode: error: {_one_line(e)}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -251,12 +319,16 @@ COMMANDS = {
     "train": (add_train_arguments, run_train, "train a model (or --resume a run); torchrun for many processes"),
     "eval": (add_eval_arguments, run_eval, "NLL in bits/sample of a checkpoint over a data split"),
     "generate": (add_generate_arguments, run_generate, "sample audio from a checkpoint: WAVs, samples.json, index.html"),
+    "vocode": (add_vocode_arguments, run_vocode, "WaveFlow vocoder: wav files or log-mel arrays -> audio and a listening page"),
     "export": (add_export_arguments, run_export, "write a checkpoint as a shareable model folder "
                "(config.json + model.safetensors; EMA weights when present)"),
     "demo": (add_demo_arguments, run_demo, "train the tiny model for a few minutes, then generate a listening page"),
     "metrics": (lambda p: _metrics_cli().add_arguments(p), lambda a: _metrics_cli().run(a),
                 "sample-quality metrics: train the evaluation classifier, score generated audio"),
 }
+from .cli_flows import COMMANDS as _FLOW_COMMANDS  # noqa: E402  (argument parsers only; torch loads on use)
+
+COMMANDS.update(_FLOW_COMMANDS)
 
 
 def main(argv: list[str] | None = None) -> int:

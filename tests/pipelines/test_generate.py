@@ -165,7 +165,7 @@ def test_fast_sampler_agrees_with_the_oracle():
         skip_unless_ci(f"fast path unavailable here: {reason}")
     import sashimi.pipelines.fast_step
 
-    fast_sample = sashimi.pipelines.fast_step.sample
+    fast_sample = sashimi.pipelines.fast_step.engine_sample
 
     torch.manual_seed(2)
     logits = torch.randn(512, 256) * 3
