@@ -217,7 +217,7 @@ def main():
     print("\n(samples per CPU-second counts the CPU time of all threads; 'CPUs we got' = wall rate / that;\n"
           " idle-machine estimate = samples per CPU-second x threads the path uses: what the run would give\n"
           " with its threads on otherwise idle cores; GFLOP/s and % of peak use the measured wall rate. On a\n"
-          " shared machine the scheduler gives a session a fair share of the CPUs whatever its thread count,\n"
+          " shared machine the scheduler gives a process group a fair share of the CPUs whatever its thread count,\n"
           " so 'CPUs we got' can stay below 1 for a 2-thread run.)")
     by = {(r[0], r[1], r[2]): r[4] for r in rows}
     idle = {(r[0], r[1], r[2]): r[8] for r in rows}

@@ -4,7 +4,7 @@
     python benchmarks/bench_native.py --backends native pykeops keops --repeats 7
 
 Backends: s4lib's native, keops, chunked and naive, plus 'pykeops' (Cauchy only): plain PyKeOps the
-way state-spaces/s4 calls it, float32, the baseline of the issue's ">= 2x faster than PyKeOps" goal.
+way state-spaces/s4 calls it, float32, the baseline of the ">= 2x faster than PyKeOps" goal.
 
 Cases (float32 / complex64, torch.set_num_threads(--threads), S4-like inputs):
   cauchy           H=256, N/2=32, L=8192:  r = cauchy(v, z, dt*Lambda); grads of v and w
@@ -46,7 +46,7 @@ CASES = {
 BACKENDS = ("native", "keops", "pykeops", "chunked", "naive")
 
 # 'pykeops' is not an s4lib backend: it is plain PyKeOps as state-spaces/s4 uses it (float32 Genred on
-# the paired Cauchy formula, KeOps autodiff for the backward), the baseline the goal names.
+# the paired Cauchy formula, KeOps autodiff for the backward), the baseline of that goal.
 # (s4lib's own 'keops' backend computes float32 in float64 with Kahan sums on CPU and writes its
 # backward by hand.) It serves the Cauchy case only.
 _PYKEOPS_CAUCHY = ("ComplexDivide(z * ComplexReal(v) - Real2Complex(Sum(v * w)), ComplexMult(z - w, z - Conj(w)))",

@@ -49,6 +49,7 @@ def run_case(preset: str, batch_size: int, steps: int, warmup: int, sample_len: 
     sys.path.insert(0, REPO)
     from s4lib import param_groups
     from sashimi.models.autoregressive import build_model, count_parameters
+    from sashimi.objectives.autoregressive import LN2
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -68,7 +69,7 @@ def run_case(preset: str, batch_size: int, steps: int, warmup: int, sample_len: 
             for chunk in range(0, batch_size, micro):
                 part = slice(chunk, chunk + micro)
                 bits, count = model(x[part], y[part], mask[part])  # the loss as sashimi train computes it
-                (bits * 0.6931471805599453 / mask.sum()).backward()
+                (bits * LN2 / mask.sum()).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

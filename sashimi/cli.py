@@ -2,9 +2,13 @@
 
     sashimi train --data builtin --preset tiny --out runs/tiny --max-steps 300
     sashimi train --out runs/tiny --resume --max-steps 600
+    sashimi train --data builtin --preset tiny --out runs/tiny30 --max-time 30m
     sashimi eval --ckpt runs/tiny --data builtin --split test --json runs/tiny/test.json
+    sashimi generate --ckpt runs/tiny --n 4 --seconds 1
+    sashimi demo
 
-The CLI only wires flags to sashimi.training.loop.train and sashimi.training.evaluate.evaluate.
+The CLI only wires flags to the library: sashimi.training.loop.train, sashimi.training.evaluate.evaluate,
+sashimi.pipelines.from_checkpoint.generate_from_checkpoint and sashimi.demo.run_demo.
 """
 
 from __future__ import annotations
@@ -17,8 +21,7 @@ import sys
 import typing
 
 # How subcommands are organised: COMMANDS (at the bottom) maps a name to
-# (add_arguments(parser), run(args) -> exit code). To add one (e.g. `generate`, `demo`), write
-# those two functions and add a line to COMMANDS; main() does the rest. Heavy imports (torch,
+# (add_arguments(parser), run(args) -> exit code). To add one, write those two functions and add a line to COMMANDS; main() does the rest. Heavy imports (torch,
 # the model) happen inside run functions so `sashimi --help` stays fast.
 
 
@@ -26,14 +29,12 @@ import typing
 
 
 def _flag_type(annotation):
-    """(argparse type, nargs) for a TrainConfig field annotation."""
+    """The argparse type for a TrainConfig field annotation (X | None: 'none' gives None)."""
     args = typing.get_args(annotation)
-    if typing.get_origin(annotation) is tuple:  # tuple[int, ...]
-        return args[0], "*"
-    if type(None) in args:  # X | None: 'none' gives None
+    if type(None) in args:
         (inner,) = [a for a in args if a is not type(None)]
-        return (lambda s: None if s.lower() == "none" else inner(s)), None
-    return annotation, None
+        return lambda s: None if s.lower() == "none" else inner(s)
+    return annotation
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,38 +50,65 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         if hints[f.name] is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help)
             continue
-        kind, nargs = _flag_type(hints[f.name])
-        parser.add_argument(flag, type=kind, nargs=nargs, default=argparse.SUPPRESS, help=help,
+        parser.add_argument(flag, type=_flag_type(hints[f.name]), default=argparse.SUPPRESS, help=help,
                             metavar=f.name.upper())
 
 
+def _os_message(e: BaseException) -> str:
+    """One line for an error; an OSError names its file (if it has one) and its reason without '[Errno n]'."""
+    if isinstance(e, OSError) and e.strerror:
+        where = f"{e.filename}: " if e.filename else ""
+        return where + e.strerror.strip().splitlines()[0]
+    return _one_line(e)
+
+
+def _saved_train_config(out: str) -> dict:
+    """The training settings a run directory's config.json recorded ({} if there is none), minus the one-off
+    flags (resume, overwrite); ValueError naming the file when it cannot be read."""
+    path = os.path.join(out, "config.json")
+    if not os.path.exists(path):
+        return {}
+    problem = None
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except OSError as e:
+        problem = e.strerror or type(e).__name__
+    except ValueError as e:  # empty, truncated or not JSON
+        problem = f"not valid JSON: {str(e).splitlines()[0]}"
+    else:
+        base = saved.get("train") if isinstance(saved, dict) else None
+        if not isinstance(base, dict):
+            problem = "no 'train' settings in it"
+    if problem is not None:
+        raise ValueError(f"cannot read the run's settings from {path} ({problem}); restore or remove that file "
+                         f"(resuming then uses only the flags given, so give every flag of the run)")
+    return {k: v for k, v in base.items() if k not in ("resume", "overwrite")}
+
+
 def run_train(args: argparse.Namespace) -> int:
-    from .training.loop import CheckpointError, NonFiniteLossError, TrainConfig, train
+    from .training.checkpoint import CheckpointError
+    from .training.loop import NonFiniteLossError, TrainConfig, train
 
     given = {k: v for k, v in vars(args).items() if k not in ("command", "func")}
-    if "debug_nonfinite_steps" in given:
-        given["debug_nonfinite_steps"] = tuple(given["debug_nonfinite_steps"])
     # --resume starts from the run's saved configuration; flags given now override it
-    base = {}
-    saved = os.path.join(given.get("out", TrainConfig.out), "config.json")
-    if given.get("resume") and os.path.exists(saved):
-        with open(saved) as f:
-            base = json.load(f)["train"]
     try:
+        base = _saved_train_config(given.get("out", TrainConfig.out)) if given.get("resume") else {}
         cfg = TrainConfig.from_dict({**base, **given})
         result = train(cfg)
-    except (ValueError, FileExistsError, FileNotFoundError, NonFiniteLossError) as e:
-        # user-caused problems (flags, data, checkpoints, divergence): a message, not a traceback
+    except (ValueError, OSError, NonFiniteLossError) as e:
+        # user-caused problems (flags, data, checkpoints, files, divergence): one line, not a traceback
         kind = "error" if not isinstance(e, CheckpointError) else "checkpoint error"
-        print(f"sashimi train: {kind}: {e}", file=sys.stderr)
+        print(f"sashimi train: {kind}: {_os_message(e)}", file=sys.stderr)
         return 1
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
         return 0
     if result["status"] == "interrupted":
         print(f"interrupted at step {result['step']}; checkpoint {result['checkpoint']}")
     else:
-        val = result["val_bits"]
-        print(f"finished at step {result['step']}" + (f": val {val:.4f} bits/sample" if val is not None else ""))
+        val = result["val"]
+        how = "finished" if result["status"] == "finished" else f"stopped ({result['status']})"
+        print(f"{how} at step {result['step']}" + (f": val {val:.4f} {result['unit']}" if val is not None else ""))
     return 0
 
 
@@ -103,12 +131,16 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     from .training.evaluate import evaluate
 
+    from .training.rundir import check_output_file
+
     try:
+        if args.json is not None:  # before the evaluation, not after it
+            check_output_file(args.json, "--json")
         evaluate(args.ckpt, args.data, split=args.split, batch_size=args.batch_size, json_path=args.json,
                  use_ema=args.use_ema, preset=args.preset, n_items=args.n_items, num_workers=args.num_workers,
                  progress=args.progress)
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
-        print(f"sashimi eval: error: {e}", file=sys.stderr)
+    except (ValueError, OSError, FloatingPointError) as e:
+        print(f"sashimi eval: error: {_os_message(e)}", file=sys.stderr)
         return 1
     return 0
 
@@ -121,60 +153,15 @@ def _one_line(error: BaseException) -> str:
     return lines[0] if lines else type(error).__name__
 
 
-def _check_generate_flags(args: argparse.Namespace) -> None:
-    """Flag errors before anything is loaded (ValueError naming the flag)."""
-    from .pipelines.sampling import check_sampling
-
-    check_sampling(args.temperature, args.top_k, args.top_p)
-    if args.n < 1:
-        raise ValueError(f"--n must be >= 1, got {args.n}")
-    if not args.seconds > 0:
-        raise ValueError(f"--seconds must be > 0, got {args.seconds}")
-    if args.batch_size is not None and args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.seed < 0:
-        raise ValueError(f"--seed must be >= 0, got {args.seed}")
-
-
-def _generate_to_folder(args: argparse.Namespace, info: dict | None = None, title: str = "sashimi samples"):
-    """Checkpoint -> Generator -> WAVs, samples.json, index.html in args.out: (result, report paths)."""
-    import warnings
-
-    from .data.audio import probe_audio
-    from .pipelines.generate import FastPathWarning, Generator
-    from .models.autoregressive import describe
-    from .pipelines.report import write_report
-    from .training.loop import BEST_CHECKPOINT, LAST_CHECKPOINT, load_checkpoint, model_from_checkpoint, resolve_checkpoint
-
-    path = resolve_checkpoint(args.ckpt, prefer=(BEST_CHECKPOINT, LAST_CHECKPOINT))
-    state = load_checkpoint(path)
-    model = model_from_checkpoint(state, use_ema=args.use_ema, path=path)
-    rate = model.config.sample_rate
-    print(f"sashimi generate: {path} (step {state.get('step')}): {describe(model)}")
-    if args.prefix is not None:
-        file_rate = probe_audio(args.prefix, check_content=False).sample_rate
-        if file_rate != rate:
-            print(f"note: prefix {args.prefix} is at {file_rate} Hz; resampled to the model's {rate} Hz")
-    batch_size = args.batch_size or min(args.n, 16)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", FastPathWarning)
-        generator = Generator(model, batch_size=batch_size, fast="auto" if args.fast else False)
-    if any(issubclass(w.category, FastPathWarning) for w in caught):
-        print(f"note: using the eager step loop: {generator.fast_reason}")
-    result = generator.generate(args.n, seconds=args.seconds, temperature=args.temperature, top_k=args.top_k,
-                                top_p=args.top_p, seed=args.seed, prefix=args.prefix, progress=args.progress)
-    out = args.out if args.out is not None else os.path.join(os.path.dirname(os.path.abspath(path)), "samples")
-    info = {"checkpoint": os.path.abspath(path), "step": state.get("step"), "preset": state.get("preset"),
-            "ema_weights": bool(args.use_ema and state.get("ema") is not None), **(info or {})}
-    paths = write_report(out, result, info=info, title=title)
-    return result, paths
-
-
 def _print_generation(result, paths) -> None:
     print(f"wrote {result.n_samples} samples ({result.audio.shape[1] / result.sample_rate:.3f} s at "
           f"{result.sample_rate} Hz) to {os.path.dirname(paths['index'])}")
     print(f"speed: {result.samples_per_second:,.0f} samples/s = {result.real_time_factor:.3f}x real time "
           f"({result.path} path); generated samples: {float(result.bits_per_sample.mean()):.3f} bits/sample (mean NLL)")
+    if paths.get("scores") is not None:
+        from .metrics.cli import format_scores
+
+        print(format_scores(paths["scores"]))
     print(f"listening page: {paths['index']}")
 
 
@@ -193,12 +180,33 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-fast", dest="fast", action="store_false", help="use the eager step loop (the oracle)")
     parser.add_argument("--no-ema", dest="use_ema", action="store_false", help="use the raw weights, not the EMA")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
+    parser.add_argument("--score", default=None, metavar="CLS",
+                        help="score the samples with this evaluation classifier (sashimi metrics train-classifier): "
+                             "FID, IS, ... in samples.json and on the page")
+    parser.add_argument("--score-real", default=None, metavar="DIR",
+                        help="real audio to score against: a folder or 'builtin' (default: the run's data)")
+    parser.add_argument("--real-clips", type=int, default=4, help="real clips shown on the page with --score (default: 4)")
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    from .pipelines.from_checkpoint import generate_from_checkpoint
+    from .pipelines.waveflow import generate_files, is_waveflow_checkpoint
+
+    if is_waveflow_checkpoint(args.ckpt):  # an unconditional WaveFlow: no prompt or token sampling flags
+        try:
+            if args.prefix is not None or args.top_k or args.top_p != 1.0:
+                raise ValueError("--prefix, --top-k and --top-p apply to autoregressive models, not to a WaveFlow")
+            generate_files(args.ckpt, args.out, args.n, args.seconds, args.temperature, args.seed, fast=args.fast)
+        except (ValueError, OSError) as e:
+            print(f"sashimi generate: error: {_one_line(e)}", file=sys.stderr)
+            return 1
+        return 0
     try:
-        _check_generate_flags(args)
-        result, paths = _generate_to_folder(args)
+        result, paths = generate_from_checkpoint(
+            args.ckpt, args.out, n=args.n, seconds=args.seconds, temperature=args.temperature, top_k=args.top_k,
+            top_p=args.top_p, prefix=args.prefix, batch_size=args.batch_size, seed=args.seed, fast=args.fast,
+            use_ema=args.use_ema, progress=args.progress, score=args.score, score_real=args.score_real,
+            real_clips=args.real_clips)
     except (ValueError, OSError) as e:  # flags, checkpoints (CheckpointError), audio files (AudioError), output
         print(f"sashimi generate: error: {_one_line(e)}", file=sys.stderr)
         return 1
@@ -209,6 +217,32 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- vocode
+
+
+def add_vocode_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ckpt", required=True, help="WaveFlow vocoder: run directory, checkpoint file or "
+                        "shareable folder (config.json + model.safetensors)")
+    parser.add_argument("--in", dest="inputs", nargs="+", required=True, metavar="FILE",
+                        help="audio files (wav -> log-mel -> wav) or .npy log-mel arrays (n_mels, frames)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder: one listening page per input")
+    parser.add_argument("--temperature", type=float, default=1.0, help="scale of the prior's noise (default: 1)")
+    parser.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
+    parser.add_argument("--plain", dest="fast", action="store_false",
+                        help="invert with the plain oracle instead of the row-cached fast path")
+
+
+def run_vocode(args: argparse.Namespace) -> int:
+    from .pipelines.waveflow import vocode_files
+
+    try:
+        vocode_files(args.ckpt, args.inputs, args.out, args.temperature, args.seed, fast=args.fast)
+    except (ValueError, OSError) as e:  # checkpoints, audio files, mel shapes
+        print(f"sashimi vocode: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    return 0
+
+
 # ----------------------------------------------------------------------------- demo
 
 
@@ -216,116 +250,85 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", metavar="DIR",
                         help="demo folder: DIR/run (training run), DIR/samples (listening page) (default: runs/demo)")
     parser.add_argument("--minutes", type=float, default=4.0, help="training time budget in minutes (default: 4)")
-    parser.add_argument("--n", type=int, default=4, help="samples to generate (default: 4)")
+    parser.add_argument("--n", type=int, default=32, help="samples to generate and score (default: 32)")
     parser.add_argument("--seconds", type=float, default=1.0, help="length of each sample (default: 1)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--classifier", default=None, metavar="CLS",
+                        help="evaluation classifier for the scores (default: DIR/classifier, trained first if missing)")
+    parser.add_argument("--no-score", dest="score", action="store_false", help="skip the sample-quality scores")
     parser.add_argument("--no-fast", dest="fast", action="store_false", help="generate with the eager step loop")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
 
 
-_DEMO_TRAIN = dict(data="builtin", preset="tiny", sample_len=1024, batch_size=8, n_val_items=16, lr=4e-3)
-_DEMO_TEST_CLIPS = 16  # test clips evaluated after training
-
-
-def _demo_step_seconds(threads: int, give_up_after: float | None = None) -> float:
-    """Seconds per training step of the demo recipe with this many torch threads (a short timing run).
-
-    Stops early when a step takes longer than give_up_after seconds (clearly the slower choice).
-    """
-    import time
-
-    import torch
-
-    from .models.autoregressive import build_model
-
-    torch.set_num_threads(threads)
-    model = build_model(_DEMO_TRAIN["preset"], sample_len=_DEMO_TRAIN["sample_len"])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.randint(0, model.n_classes, (_DEMO_TRAIN["batch_size"], _DEMO_TRAIN["sample_len"]))
-    times = []
-    for _ in range(3):  # the first is warm-up
-        t0 = time.perf_counter()
-        bits, count = model(x, x)
-        (bits / count).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        times.append(time.perf_counter() - t0)
-        if give_up_after is not None and times[-1] > give_up_after:
-            return times[-1]
-    return min(times[1:]) * 1.15  # plus data loading, validation and checkpoints
-
-
 def run_demo(args: argparse.Namespace) -> int:
-    import time
+    from .demo import DEMO_TEST_CLIPS, run_demo as demo
+    from .training.loop import NonFiniteLossError
 
-    import torch
-
-    from .training.evaluate import evaluate
-    from .training.loop import LAST_CHECKPOINT, NonFiniteLossError, TrainConfig, read_metrics, train
-
-    t_start = time.time()
-    run_dir, samples_dir = os.path.join(args.out, "run"), os.path.join(args.out, "samples")
     try:
-        if not args.minutes > 0:
-            raise ValueError(f"--minutes must be > 0, got {args.minutes}")
-        val_bits, steps = None, None
-        if os.path.exists(os.path.join(run_dir, LAST_CHECKPOINT)):
-            print(f"sashimi demo: {run_dir} already holds a trained model; skipping training "
-                  f"(delete it or pass another --out to train again)")
-            vals = [r["val_bits"] for r in read_metrics(os.path.join(run_dir, "metrics.jsonl")) if "val_bits" in r]
-            val_bits = vals[-1] if vals else None
-        else:
-            # size the step budget from this machine's measured speed (1 or 2 threads, whichever is faster)
-            timings = {1: _demo_step_seconds(1)}
-            if (os.cpu_count() or 1) > 1:
-                timings[2] = _demo_step_seconds(2, give_up_after=3 * timings[1])
-            threads = min(timings, key=timings.get)
-            torch.set_num_threads(threads)
-            budget = args.minutes * 60 - (time.time() - t_start)
-            steps = int(min(20_000, max(20, budget / timings[threads])))
-            print(f"sashimi demo: training the 'tiny' preset on builtin data for {steps} steps "
-                  f"(~{steps * timings[threads] / 60:.1f} min at {timings[threads]:.2f} s/step, {threads} thread(s)); "
-                  f"Ctrl-C stops training early and goes on to generation")
-            cfg = TrainConfig(**_DEMO_TRAIN, out=run_dir, max_steps=steps, warmup_steps=max(10, steps // 20),
-                              val_every=-(-steps // 4), ckpt_every=-(-steps // 4), log_every=10,
-                              seed=args.seed, progress=args.progress)
-            summary = train(cfg)
-            val_bits, steps = summary["val_bits"], summary["step"]
-            if val_bits is None:  # interrupted before the final validation
-                vals = [r["val_bits"] for r in read_metrics(os.path.join(run_dir, "metrics.jsonl")) if "val_bits" in r]
-                val_bits = vals[-1] if vals else None
-        t_trained = time.time()
-        test = evaluate(run_dir, "builtin", split="test", n_items=_DEMO_TEST_CLIPS, batch_size=8,
-                        progress=args.progress)
-        gen_args = argparse.Namespace(ckpt=run_dir, n=args.n, seconds=args.seconds, temperature=1.0, top_k=0,
-                                      top_p=1.0, prefix=None, batch_size=args.n, seed=args.seed, out=samples_dir,
-                                      fast=args.fast, use_ema=True, progress=args.progress)
-        _check_generate_flags(gen_args)
-        info = {"training_steps": steps, "training_minutes": round((t_trained - t_start) / 60, 2),
-                "val_bits_per_sample": val_bits, "test_bits_per_sample": test["nll_bits_per_sample"],
-                "data": "builtin (synthetic)"}
-        result, paths = _generate_to_folder(gen_args, info=info, title="sashimi demo: tiny model on builtin data")
+        done = demo(args.out, minutes=args.minutes, n=args.n, seconds=args.seconds, seed=args.seed, fast=args.fast,
+                    progress=args.progress, score=args.score, classifier=args.classifier)
     except (ValueError, OSError, NonFiniteLossError) as e:
         print(f"sashimi demo: error: {_one_line(e)}", file=sys.stderr)
         return 1
     print()
-    print(f"sashimi demo done in {(time.time() - t_start) / 60:.1f} min")
-    if val_bits is not None:
-        print(f"validation: {val_bits:.3f} bits/sample; test ({_DEMO_TEST_CLIPS} clips): "
-              f"{test['nll_bits_per_sample']:.3f} bits/sample "
-              f"(8 bits = no better than uniform)")
-    _print_generation(result, paths)
+    print(f"sashimi demo done in {done['minutes']:.1f} min")
+    if done["val_bits"] is not None:
+        print(f"validation: {done['val_bits']:.3f} bits/sample; test ({DEMO_TEST_CLIPS} clips): "
+              f"{done['test']['nll_bits_per_sample']:.3f} bits/sample (8 bits = no better than uniform)")
+        sample_bits = float(done["result"].bits_per_sample.mean())
+        print(f"generated samples: {sample_bits:.3f} bits/sample under the model, "
+              f"{sample_bits - done['test']['nll_bits_per_sample']:+.3f} from the test NLL")
+    _print_generation(done["result"], done["paths"])
+    return 0
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ckpt", required=True, help="run directory (its best.pt, else last.pt) or checkpoint file")
+    parser.add_argument("--out", required=True, metavar="DIR", help="folder for config.json and model.safetensors")
+    parser.add_argument("--no-ema", dest="use_ema", action="store_false",
+                        help="export the raw weights even when the checkpoint has EMA weights")
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from .training.export import export_checkpoint
+
+    try:
+        info = export_checkpoint(args.ckpt, args.out, use_ema=args.use_ema)
+    except (ValueError, OSError) as e:
+        print(f"sashimi export: error: {e}", file=sys.stderr)
+        return 1
+    print(f"sashimi export: {info['source_checkpoint']} (step {info['step']}) -> {args.out}: "
+          f"{'EMA' if info['weights'] == 'ema' else 'raw (no EMA in the checkpoint)' if args.use_ema else 'raw'} "
+          f"weights; load with sashimi.from_pretrained({args.out!r})")
     return 0
 
 
 # ----------------------------------------------------------------------------- entry point
 
+
+def _metrics_cli():
+    from .metrics import cli
+
+    return cli
+
+
 COMMANDS = {
     "train": (add_train_arguments, run_train, "train a model (or --resume a run); torchrun for many processes"),
     "eval": (add_eval_arguments, run_eval, "NLL in bits/sample of a checkpoint over a data split"),
     "generate": (add_generate_arguments, run_generate, "sample audio from a checkpoint: WAVs, samples.json, index.html"),
+    "vocode": (add_vocode_arguments, run_vocode, "WaveFlow vocoder: wav files or log-mel arrays -> audio and a listening page"),
+    "export": (add_export_arguments, run_export, "write a checkpoint as a shareable model folder "
+               "(config.json + model.safetensors; EMA weights when present)"),
     "demo": (add_demo_arguments, run_demo, "train the tiny model for a few minutes, then generate a listening page"),
+    "metrics": (lambda p: _metrics_cli().add_arguments(p), lambda a: _metrics_cli().run(a),
+                "sample-quality metrics: train the evaluation classifier, score generated audio"),
 }
+from .cli_flows import COMMANDS as _FLOW_COMMANDS  # noqa: E402  (argument parsers only; torch loads on use)
+
+COMMANDS.update(_FLOW_COMMANDS)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,8 +38,8 @@ from torch.autograd.function import once_differentiable
 # extra memory of an op is a small multiple of it plus its inputs and outputs.
 CHUNK_BYTES = 32 << 20
 # The Cauchy tile on CPU is much smaller than the bound, per intra-op thread: a tile whose share
-# stays in a core's L2 cache ran the Cauchy product about 3x faster than a 32 MiB one on the
-# project machine. GPUs take the bound.
+# stays in a core's L2 cache runs the Cauchy product several times faster than a 32 MiB one
+# (docs/benchmarks.md). GPUs take the bound.
 CAUCHY_TILE_BYTES_CPU = 2 << 20
 
 

@@ -44,7 +44,7 @@ def _empty_like_shape(t: Tensor, shape, dtype=None) -> Tensor:
 
 # The ops are defined with the low-level torch.library.Library API rather than the
 # @torch.library.custom_op decorator: the decorator wraps every call in torch._disable_dynamo,
-# whose first use imports torch._dynamo (~140 MB of resident memory) even in eager code.
+# whose first use imports torch._dynamo (much resident memory, docs/benchmarks.md) even in eager code.
 _LIB = torch.library.Library("s4lib", "DEF")
 
 

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import functools
 import os
-import tempfile
 from dataclasses import dataclass
 from fractions import Fraction
 
 import numpy as np
 import torch
+
+from ..checks import check_int
+from ..files import atomic_write
 
 __all__ = ["AudioError", "AudioInfo", "load_audio", "save_audio", "probe_audio", "resample_factors",
            "resampled_length", "AUDIO_EXTENSIONS"]
@@ -62,9 +64,7 @@ def _soundfile():
 
 
 def _check_rate(sample_rate, name="sample_rate") -> int:
-    if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0:
-        raise ValueError(f"{name} must be a positive integer (Hz), got {sample_rate!r}")
-    return int(sample_rate)
+    return check_int(name, sample_rate, 1)
 
 
 def resample_factors(rate_in: int, rate_out: int) -> tuple[int, int]:
@@ -195,8 +195,7 @@ def save_audio(path, wav, sample_rate: int, subtype: str = "PCM_16") -> None:
     """Write a waveform in [-1, 1] as a WAV file (16-bit PCM by default), atomically.
 
     wav: (T,) mono or (C, T) channels-first, tensor or array; values outside [-1, 1] are
-    clipped. The data goes to a temporary file in the same folder, then os.replace()s `path`,
-    so a reader never sees a half-written file.
+    clipped. Written atomically (sashimi.files.atomic_write): a reader never sees a half-written file.
     """
     sf = _soundfile()
     sample_rate = _check_rate(sample_rate)
@@ -211,19 +210,5 @@ def save_audio(path, wav, sample_rate: int, subtype: str = "PCM_16") -> None:
         raise ValueError(f"wav contains {int((~np.isfinite(data)).sum())} NaN/inf values; refusing to write {path}")
     data = np.clip(data, -1.0, 1.0)
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            sf.write(fh, data, sample_rate, format="WAV", subtype=subtype)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write(path, lambda f: sf.write(f, data, sample_rate, format="WAV", subtype=subtype))

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["synthesize_clip", "BUILTIN_CLASSES", "BUILTIN_TIMBRES"]
+__all__ = ["synthesize_clip", "MOTIFS", "BUILTIN_CLASSES", "BUILTIN_TIMBRES"]
 
 # Ten melodic motifs (the classes): scale steps in semitones above the root, relative durations.
-_MOTIFS = (
+MOTIFS = (
     ((0, 4, 7), (1, 1, 2)),
     ((7, 4, 0), (1, 1, 2)),
     ((0, 2, 4, 5, 7), (1, 1, 1, 1, 2)),
@@ -62,7 +62,7 @@ def synthesize_clip(label: int, timbre: int, rng: np.random.Generator, sample_ra
     from scipy.signal import lfilter
 
     sr, n = sample_rate, n_samples
-    steps, durations = _MOTIFS[label]
+    steps, durations = MOTIFS[label]
     out = np.zeros(n)
     root = rng.uniform(52.0, 67.0)
     f0s = 440.0 * 2.0 ** ((root + np.asarray(steps, dtype=np.float64) - 69.0) / 12.0)

@@ -1,16 +1,16 @@
-"""Audio datasets for next-sample prediction: a folder of audio files, and a built-in synthetic set.
+"""Audio datasets: a folder of audio files and a built-in synthetic set, as items every family trains on.
 
 Every item is a dict that torch's default collate stacks into a batch:
 
-    x      LongTensor (sample_len,)  quantised inputs, shifted right by one: x[0] = zero level,
-                                     x[t] = y[t - 1]
-    y      LongTensor (sample_len,)  quantised targets (padding holds the zero level)
-    mask   BoolTensor (sample_len,)  True on real samples, False on padding
-    label  int                       class id, -1 when unknown
-    wav    FloatTensor (sample_len,) the float waveform in [-1, 1], only with waveform=True
+    wav     FloatTensor (sample_len,) the waveform in [-1, 1] (padding = 0)
+    mask    BoolTensor (sample_len,)  True on real samples, False on padding
+    label   int                       class id, -1 when unknown
+    tokens  LongTensor (sample_len,)  the quantised waveform (padding holds the zero level);
+                                      only when the dataset has a quantizer
 
-With quantizer=None (and waveform=True) the items carry only wav, mask and label.
-`make_dataset('builtin' | folder, split, ...)` picks the dataset. See docs/data.md.
+`dataset_for(model_config, data, split)` builds the dataset a model trains on (its sample
+rate, clip length and quantiser); `make_dataset('builtin' | folder, split, ...)` takes them as
+arguments. See docs/data.md.
 """
 
 from __future__ import annotations
@@ -19,20 +19,21 @@ import hashlib
 import logging
 import os
 import re
+import stat
 import warnings
-from collections import Counter
+from collections import Counter, deque
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..checks import check_int
 from .audio import AUDIO_EXTENSIONS, AudioError, load_audio, probe_audio, resampled_length
-from .builtin_synth import (  # noqa: F401  (re-exported: importable from sashimi.data.datasets as before)
-    _MOTIFS, _TABLE, _VOWELS, BUILTIN_CLASSES, BUILTIN_TIMBRES, _oscillator, _wavetable, synthesize_clip)
+from .builtin_synth import BUILTIN_CLASSES, BUILTIN_TIMBRES, MOTIFS, synthesize_clip
 from .quantize import Quantizer
 
-__all__ = ["AudioFolderDataset", "BuiltinDataset", "make_dataset", "synthesize_clip", "BadAudioWarning",
-           "SPLITS", "BUILTIN_CLASSES", "BUILTIN_TIMBRES"]
+__all__ = ["AudioFolderDataset", "BuiltinDataset", "make_dataset", "dataset_for", "BadAudioWarning", "LinkWarning",
+           "SPLITS"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,40 +62,22 @@ def _make_quantizer(quantizer, bits: int) -> Quantizer | None:
     raise TypeError(f"quantizer must be a Quantizer, 'mu_law', 'linear' or None, got {type(quantizer).__name__}")
 
 
-def _check_positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
 class _ItemMaker:
-    """Turns a float clip (at most sample_len samples) into the padded, quantised item dict."""
+    """Turns a float clip (at most sample_len samples) into the padded item dict (tokens with a quantizer)."""
 
-    def __init__(self, sample_len: int, quantizer: Quantizer | None, waveform: bool):
-        if quantizer is None and not waveform:
-            raise ValueError("quantizer=None needs waveform=True (the items would carry no audio)")
-        self.sample_len, self.quantizer, self.waveform = sample_len, quantizer, waveform
+    def __init__(self, sample_len: int, quantizer: Quantizer | None):
+        self.sample_len, self.quantizer = sample_len, quantizer
 
     def __call__(self, wav: np.ndarray, label: int) -> dict:
         L, n = self.sample_len, min(len(wav), self.sample_len)
         wav = np.clip(np.asarray(wav[:n], dtype=np.float32), -1.0, 1.0)
-        mask = torch.zeros(L, dtype=torch.bool)
-        mask[:n] = True
-        item = {}
+        item = {"wav": torch.zeros(L, dtype=torch.float32), "mask": torch.zeros(L, dtype=torch.bool),
+                "label": int(label)}
+        item["wav"][:n] = torch.from_numpy(wav)
+        item["mask"][:n] = True
         if self.quantizer is not None:
-            zero = self.quantizer.zero_level
-            y = torch.full((L,), zero, dtype=torch.long)
-            y[:n] = self.quantizer.encode(wav)
-            x = torch.empty_like(y)
-            x[0] = zero
-            x[1:] = y[:-1]
-            item["x"], item["y"] = x, y
-        item["mask"] = mask
-        item["label"] = int(label)
-        if self.waveform:
-            w = torch.zeros(L, dtype=torch.float32)
-            w[:n] = torch.from_numpy(wav)
-            item["wav"] = w
+            item["tokens"] = torch.full((L,), self.quantizer.zero_level, dtype=torch.long)
+            item["tokens"][:n] = self.quantizer.encode(wav)
         return item
 
 
@@ -102,15 +85,76 @@ class _ItemMaker:
 # A folder of audio files
 # ----------------------------------------------------------------------------------------------
 
+MAX_FOLDER_DEPTH = 32  # file discovery descends at most this many folders below root
+
+
+class LinkWarning(UserWarning):
+    """File discovery skipped symbolic links: loops, second paths to a file already indexed, dangling links."""
+
+
 def _find_audio_files(root: str) -> list[str]:
-    """Relative POSIX paths of .wav/.flac/.ogg files under root (any case), sorted; hidden entries skipped."""
-    found = []
-    for folder, dirs, names in os.walk(root, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "_background_noise_")
-        for name in names:
-            if not name.startswith(".") and name.lower().endswith(AUDIO_EXTENSIONS):
-                found.append(os.path.relpath(os.path.join(folder, name), root).replace(os.sep, "/"))
-    return sorted(found)
+    """Relative POSIX paths of .wav/.flac/.ogg files under root (any case), sorted; hidden entries skipped.
+
+    Symbolic links are followed, but each real folder is walked once and each real file (by device
+    and inode) is indexed once, under its own name rather than a link's, then its shortest path: a link loop
+    or a second link to the same file can neither hang the walk nor put one file in two splits.
+    The walk stops MAX_FOLDER_DEPTH folders below root. Links and folders skipped are summarised
+    in one LinkWarning.
+    """
+    by_file: dict[tuple[int, int], tuple] = {}  # (device, inode) -> (is a link, depth, path)
+    skipped: list[tuple[str, str]] = []  # (relative path, why)
+    seen_dirs: set[tuple[int, int]] = set()
+    rel = lambda path: os.path.relpath(path, root).replace(os.sep, "/")  # noqa: E731
+    queue = deque([(root, 0)])  # breadth first: a folder reached by two paths is walked under the shorter
+    while queue:
+        folder, depth = queue.popleft()
+        try:
+            st = os.stat(folder)
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as e:
+            skipped.append((rel(folder), f"unreadable ({e.strerror})"))
+            continue
+        if (st.st_dev, st.st_ino) in seen_dirs:
+            skipped.append((rel(folder), "a link to a folder already searched (a loop or a second path)"))
+            continue
+        seen_dirs.add((st.st_dev, st.st_ino))
+        for entry in entries:
+            name = entry.name
+            if name.startswith("."):
+                continue
+            audio = name.lower().endswith(AUDIO_EXTENSIONS)
+            try:
+                is_dir = entry.is_dir()  # follows links
+                info = entry.stat() if audio and not is_dir else None
+            except OSError:
+                skipped.append((rel(entry.path), "a dangling link"))
+                continue
+            if is_dir:
+                if name == "_background_noise_":
+                    continue
+                if depth + 1 > MAX_FOLDER_DEPTH:
+                    skipped.append((rel(entry.path), f"deeper than {MAX_FOLDER_DEPTH} folders below the root"))
+                    continue
+                queue.append((entry.path, depth + 1))
+            elif info is not None and stat.S_ISREG(info.st_mode):
+                # preference: the file itself over a link to it, then the shortest path, then sort order
+                path, key = rel(entry.path), (info.st_dev, info.st_ino)
+                rank = (entry.is_symlink(), path.count("/"), path)
+                kept = by_file.get(key)
+                if kept is None:
+                    by_file[key] = rank
+                else:
+                    first, second = sorted((kept, rank))
+                    by_file[key] = first
+                    skipped.append((second[2], f"the same file as {first[2]}"))
+    if skipped:
+        warnings.warn(f"file discovery under {root!r} skipped {len(skipped)} entries: "
+                      + "; ".join(f"{p}: {why}" for p, why in skipped[:3])
+                      + (f"; ... ({len(skipped) - 3} more at logging level DEBUG)" if len(skipped) > 3 else ""),
+                      LinkWarning, stacklevel=3)
+        for p, why in skipped:
+            logger.debug("file discovery skipped %s: %s", p, why)
+    return sorted(path for _, _, path in by_file.values())
 
 
 def _split_key(relpath: str) -> str:
@@ -189,16 +233,15 @@ class AudioFolderDataset(Dataset):
     """
 
     def __init__(self, root, split: str = "train", sample_rate: int = 16000, sample_len: int = 16000,
-                 quantizer: Quantizer | str | None = "mu_law", *, bits: int = 8, waveform: bool = False,
+                 quantizer: Quantizer | str | None = "mu_law", *, bits: int = 8,
                  split_fractions=(0.9, 0.05, 0.05), check_files: bool = True, cache_bytes: int = 128 << 20,
                  max_items: int | None = None):
         self.root = os.fspath(root)
         self.split = _canonical_split(split)
-        self.sample_rate = _check_positive_int(sample_rate, "sample_rate")
-        self.sample_len = _check_positive_int(sample_len, "sample_len")
+        self.sample_rate = check_int("sample_rate", sample_rate, 1)
+        self.sample_len = check_int("sample_len", sample_len, 1)
         self.quantizer = _make_quantizer(quantizer, bits)
-        self.waveform = bool(waveform)
-        self._make_item = _ItemMaker(self.sample_len, self.quantizer, self.waveform)
+        self._make_item = _ItemMaker(self.sample_len, self.quantizer)
         fractions = tuple(float(f) for f in split_fractions)
         if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6:
             raise ValueError(f"split_fractions must be 3 non-negative numbers summing to 1, got {split_fractions}")
@@ -238,7 +281,7 @@ class AudioFolderDataset(Dataset):
             item_start.append(starts)
         self._item_file = np.concatenate(item_file) if item_file else np.zeros(0, np.int64)
         self._item_start = np.concatenate(item_start) if item_start else np.zeros(0, np.int64)
-        if max_items is not None and _check_positive_int(max_items, "max_items") < len(self._item_file):
+        if max_items is not None and check_int("max_items", max_items, 1) < len(self._item_file):
             keep = np.linspace(0, len(self._item_file) - 1, max_items).round().astype(np.int64)
             self._item_file, self._item_start = self._item_file[keep], self._item_start[keep]
         if self._cache:  # drop cached files that no item of this split uses (tiny-folder chunk split)
@@ -371,20 +414,17 @@ class BuiltinDataset(Dataset):
 
     def __init__(self, split: str = "train", n_items: int | None = None, sample_rate: int = 16000,
                  sample_len: int = 16000, seed: int = 0, quantizer: Quantizer | str | None = "mu_law", *,
-                 bits: int = 8, waveform: bool = False, duration: float = 1.0):
+                 bits: int = 8, duration: float = 1.0):
         self.split = _canonical_split(split)
-        self.n_items = _DEFAULT_N_ITEMS[self.split] if n_items is None else _check_positive_int(n_items, "n_items")
-        self.sample_rate = _check_positive_int(sample_rate, "sample_rate")
-        self.sample_len = _check_positive_int(sample_len, "sample_len")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-        self.seed = int(seed)
+        self.n_items = _DEFAULT_N_ITEMS[self.split] if n_items is None else check_int("n_items", n_items, 1)
+        self.sample_rate = check_int("sample_rate", sample_rate, 1)
+        self.sample_len = check_int("sample_len", sample_len, 1)
+        self.seed = check_int("seed", seed, 0)
         if not duration > 0:
             raise ValueError(f"duration must be positive (seconds), got {duration!r}")
         self.clip_len = max(1, int(round(duration * self.sample_rate)))
         self.quantizer = _make_quantizer(quantizer, bits)
-        self.waveform = bool(waveform)
-        self._make_item = _ItemMaker(self.sample_len, self.quantizer, self.waveform)
+        self._make_item = _ItemMaker(self.sample_len, self.quantizer)
         self.chunks_per_clip = -(-self.clip_len // self.sample_len)
         self._last = (None, None)
 
@@ -396,12 +436,12 @@ class BuiltinDataset(Dataset):
         return len(self.classes)
 
     def clip_info(self, clip: int) -> dict:
-        return {"label": clip % len(_MOTIFS), "timbre": (clip // len(_MOTIFS)) % len(BUILTIN_TIMBRES),
-                "class_name": BUILTIN_CLASSES[clip % len(_MOTIFS)],
-                "timbre_name": BUILTIN_TIMBRES[(clip // len(_MOTIFS)) % len(BUILTIN_TIMBRES)]}
+        return {"label": clip % len(MOTIFS), "timbre": (clip // len(MOTIFS)) % len(BUILTIN_TIMBRES),
+                "class_name": BUILTIN_CLASSES[clip % len(MOTIFS)],
+                "timbre_name": BUILTIN_TIMBRES[(clip // len(MOTIFS)) % len(BUILTIN_TIMBRES)]}
 
     def label(self, index: int) -> int:
-        return (index // self.chunks_per_clip) % len(_MOTIFS)
+        return (index // self.chunks_per_clip) % len(MOTIFS)
 
     def clip(self, clip: int) -> np.ndarray:
         """The whole float32 clip number `clip` (clip_len samples)."""
@@ -427,17 +467,24 @@ class BuiltinDataset(Dataset):
 
 
 def make_dataset(data, split: str = "train", *, sample_rate: int = 16000, sample_len: int = 16000,
-                 quantization: Quantizer | str | None = "mu_law", bits: int = 8, waveform: bool = False,
-                 seed: int = 0, n_items: int | None = None, **kwargs) -> Dataset:
+                 quantization: Quantizer | str | None = "mu_law", bits: int = 8, seed: int = 0,
+                 n_items: int | None = None, **kwargs) -> Dataset:
     """'builtin' -> BuiltinDataset; a folder path -> AudioFolderDataset (n_items caps its items).
 
-    `quantization` is 'mu_law', 'linear', a Quantizer, or None (waveform only). Other keyword
-    arguments go to the dataset class.
+    `quantization` is 'mu_law', 'linear', a Quantizer, or None (items without tokens). Other
+    keyword arguments go to the dataset class.
     """
-    common = dict(sample_rate=sample_rate, sample_len=sample_len, quantizer=quantization, bits=bits,
-                  waveform=waveform)
+    common = dict(sample_rate=sample_rate, sample_len=sample_len, quantizer=quantization, bits=bits)
     if isinstance(data, str) and data.lower() == "builtin":
         return BuiltinDataset(split, n_items=n_items, seed=seed, **common, **kwargs)
     if not isinstance(data, (str, os.PathLike)):
         raise TypeError(f"data must be 'builtin' or a folder path, got {type(data).__name__}")
     return AudioFolderDataset(data, split, max_items=n_items, **common, **kwargs)
+
+
+def dataset_for(model_config, data, split: str = "train", *, n_items: int | None = None, **kwargs) -> Dataset:
+    """The dataset a model of `model_config` trains on: its sample_rate and sample_len, and tokens
+    from its quantiser when the config has one (`model_config.quantizer()`, a Quantizer)."""
+    quantizer = model_config.quantizer() if hasattr(model_config, "quantizer") else None
+    return make_dataset(data, split, sample_rate=model_config.sample_rate, sample_len=model_config.sample_len,
+                        quantization=quantizer, n_items=n_items, **kwargs)

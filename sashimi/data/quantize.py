@@ -23,6 +23,8 @@ import math
 import numpy as np
 import torch
 
+from ..checks import check_int
+
 __all__ = [
     "Quantizer",
     "mu_law_encode",
@@ -30,15 +32,23 @@ __all__ = [
     "linear_encode",
     "linear_decode",
     "QUANTIZATIONS",
+    "quantization_kind",
 ]
 
 QUANTIZATIONS = ("mu_law", "linear")
+_KIND_ALIASES = {"mu_law": "mu_law", "mulaw": "mu_law", "mu": "mu_law", "linear": "linear"}
+
+
+def quantization_kind(kind) -> str:
+    """The canonical name ('mu_law' or 'linear') of a quantisation kind: any case, '-' for '_', 'mulaw', 'mu'."""
+    canonical = _KIND_ALIASES.get(str(kind).lower().replace("-", "_"))
+    if canonical is None:
+        raise ValueError(f"quantisation kind must be one of {QUANTIZATIONS}, got {kind!r}")
+    return canonical
 
 
 def _check_bits(bits: int) -> int:
-    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not 1 <= int(bits) <= 16:
-        raise ValueError(f"bits must be an integer in [1, 16] (2 to 65536 levels), got {bits!r}")
-    return int(bits)
+    return check_int("bits", bits, 1, 16)
 
 
 def _on_cpu(a) -> bool:
@@ -155,11 +165,7 @@ class Quantizer:
     """
 
     def __init__(self, kind: str = "mu_law", bits: int = 8, mu: float | None = None):
-        kind = str(kind).lower().replace("-", "_")
-        if kind in ("mulaw", "mu"):
-            kind = "mu_law"
-        if kind not in QUANTIZATIONS:
-            raise ValueError(f"quantisation kind must be one of {QUANTIZATIONS}, got {kind!r}")
+        kind = quantization_kind(kind)
         if mu is not None and kind != "mu_law":
             raise ValueError("mu only applies to kind='mu_law'")
         self.kind = kind

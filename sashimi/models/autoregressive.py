@@ -2,8 +2,8 @@
 
 `ModelConfig` is a plain dataclass (JSON-able through to_dict/from_dict, for checkpoints),
 `PRESETS` holds the paper's configurations and a CPU-sized `tiny`, `build_model` makes a
-`WaveformAR` from either, and `nll_bits` is the likelihood in bits per sample that training
-and evaluation report.
+`WaveformAR` from either. Its training objective (the likelihood in bits per sample that
+training and evaluation report) is sashimi.objectives.autoregressive.
 """
 
 from __future__ import annotations
@@ -14,33 +14,32 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-
 from torch.utils.checkpoint import checkpoint as checkpoint_call
 
+from ..data.quantize import QUANTIZATIONS, Quantizer, quantization_kind
 from ..nn.backbone import SaShiMi
-from ..data.quantize import QUANTIZATIONS
+from ..nn.norms import BLOCK_NORMS
+from ..objectives.autoregressive import AUTOREGRESSIVE, nll_bits
+from ..checks import check_choice, check_int, check_int_tuple, check_number
+from .config import ConfigMixin
+from .pretrained import PretrainedMixin
+from .registry import register_family
 
-__all__ = ["ModelConfig", "PRESETS", "WaveformAR", "build_model", "count_parameters", "describe", "nll_bits"]
+__all__ = ["ModelConfig", "PRESETS", "WaveformAR", "build_model", "count_parameters", "describe"]
 
 MODES = ("dplr", "diag")
-_QUANTIZATION_ALIASES = {"mu_law": "mu_law", "mu-law": "mu_law", "mulaw": "mu_law", "linear": "linear"}
-
-
-def _check_int(name, value, low=1):
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(ConfigMixin):
     """Everything needed to rebuild a WaveformAR (architecture, S4 settings, audio format).
 
     The S4 fields go to every S4 layer: mode 'dplr' (S4, with the Hurwitz parameterisation
     when hurwitz=True) or 'diag' (S4D); init None means the mode's default ('legs' /
     'diag-lin'); n_ssm None gives every channel its own (A, B); ssm_lr is the learning rate
     marked on A, B and dt (see s4lib.optim). backend picks the kernel-op backend (None: the
-    S4LIB_BACKEND variable, else 'auto'); it does not change the model.
+    S4LIB_BACKEND variable, else 'auto'); it does not change the model. family is the
+    registry key (sashimi.models.registry); configs saved without it are autoregressive.
     """
 
     name: str = "custom"
@@ -68,27 +67,36 @@ class ModelConfig:
     sample_len: int = 16000
     quantization: str = "mu_law"
     bits: int = 8
+    # the residual blocks' normalisation: 'layer', or 'scalar' for models imported from the
+    # reference's training code (sashimi.from_state_spaces)
+    block_norm: str = "layer"
+    # registry key (last, so that positional construction is unchanged)
+    family: str = "autoregressive"
 
     def __post_init__(self):
-        self.pool = tuple(self.pool)
+        self.check_family("autoregressive")
+        self.pool = check_int_tuple("pool", self.pool, low=1)
         for name in ("d_model", "n_layers", "expand", "sample_rate", "sample_len"):
-            _check_int(name, getattr(self, name), 0 if name == "n_layers" else 1)
-        _check_int("ff", self.ff, 0)
-        _check_int("d_state", self.d_state, 2)
+            check_int(name, getattr(self, name), 0 if name == "n_layers" else 1)
+        check_int("ff", self.ff, 0)
+        check_int("d_state", self.d_state, 2)
         if self.d_state % 2:
             raise ValueError(f"d_state must be even (states come in conjugate pairs), got {self.d_state}")
-        if any(isinstance(p, bool) or not isinstance(p, int) or p < 1 for p in self.pool):
-            raise ValueError(f"pool must be a list of ints >= 1, got {list(self.pool)!r}")
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        quantization = _QUANTIZATION_ALIASES.get(str(self.quantization).lower())
-        if quantization not in QUANTIZATIONS:
-            raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
-        self.quantization = quantization
-        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 1 <= self.bits <= 16:
-            raise ValueError(f"bits must be an int in [1, 16], got {self.bits!r}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        check_choice("mode", self.mode, MODES)
+        check_choice("block_norm", self.block_norm, BLOCK_NORMS)
+        try:
+            self.quantization = quantization_kind(self.quantization)
+        except ValueError:
+            raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}") from None
+        check_int("bits", self.bits, 1, 16)
+        for name in ("prenorm", "unet", "hurwitz"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        check_number("dropout", self.dropout, 0, 1, high_open=True)
+        check_number("dt_min", self.dt_min, 0, low_open=True)
+        check_number("dt_max", self.dt_max, self.dt_min)
+        if not isinstance(self.ssm_lr, dict):  # a dict gives per-parameter rates (see s4lib.optim)
+            check_number("ssm_lr", self.ssm_lr, 0, allow_none=True)
         if self.sample_len % self.stride:
             raise ValueError(f"sample_len={self.sample_len} must be a multiple of prod(pool)={self.stride} "
                              f"(pool={list(self.pool)})")
@@ -101,6 +109,10 @@ class ModelConfig:
     def zero_level(self) -> int:
         """The quantisation level of silence: the first input of every sequence."""
         return self.n_classes // 2
+
+    def quantizer(self) -> Quantizer:
+        """The quantiser of the model's tokens (datasets encode with it, generation decodes with it)."""
+        return Quantizer(self.quantization, self.bits)
 
     @property
     def stride(self) -> int:
@@ -116,28 +128,20 @@ class ModelConfig:
             kwargs["init"] = self.init
         return kwargs
 
-    def replace(self, **changes) -> "ModelConfig":
-        return dataclasses.replace(self, **changes)
-
     def to_dict(self) -> dict:
-        """JSON-able dict (pool as a list; n_classes included for readers)."""
-        d = dataclasses.asdict(self)
-        d["pool"] = list(self.pool)
+        """JSON-able dict (pool as a list; family, and n_classes for readers, included)."""
+        d = super().to_dict()
         d["n_classes"] = self.n_classes
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
+        """The config of a to_dict() output; without a family key (older checkpoints): autoregressive."""
         if not isinstance(d, dict):
             raise TypeError(f"a model configuration must be a dict, got {type(d).__name__}")
         d = dict(d)
         n_classes = d.pop("n_classes", None)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown model configuration keys {unknown} (written by another version?); "
-                             f"expected a subset of {sorted(known)}")
-        config = cls(**d)
+        config = super().from_dict(d)
         if n_classes is not None and n_classes != config.n_classes:
             raise ValueError(f"inconsistent configuration: n_classes={n_classes} but bits={config.bits} "
                              f"gives {config.n_classes}")
@@ -170,7 +174,7 @@ def get_config(config, **overrides) -> ModelConfig:
     return dataclasses.replace(config, **overrides)  # a copy: presets are never modified
 
 
-class WaveformAR(nn.Module):
+class WaveformAR(PretrainedMixin, nn.Module):
     """Next-sample model over quantised audio: tokens (B, L) -> logits (B, L, n_classes).
 
     Causal: logits[:, t] depend on tokens[:, :t+1] only (inputs are the targets shifted
@@ -178,6 +182,8 @@ class WaveformAR(nn.Module):
     step(token (B,), state) -> (logits (B, n_classes), state), and prefill(tokens (B, L),
     state) to read a prompt in convolution mode before stepping.
     """
+
+    objective = AUTOREGRESSIVE  # what sashimi.training minimises: the NLL of the next sample
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -188,7 +194,8 @@ class WaveformAR(nn.Module):
         self.embedding = nn.Embedding(config.n_classes, config.d_model)
         self.backbone = SaShiMi(config.d_model, config.n_layers, config.pool, config.expand, config.ff,
                                 bidirectional=False, unet=config.unet, dropout=config.dropout,
-                                prenorm=config.prenorm, final_norm=False, **config.s4_kwargs())
+                                prenorm=config.prenorm, final_norm=False, block_norm=config.block_norm,
+                                **config.s4_kwargs())
         self.norm = nn.LayerNorm(config.d_model)
         self.head = nn.Linear(config.d_model, config.n_classes)
 
@@ -199,6 +206,10 @@ class WaveformAR(nn.Module):
         """
         self.backbone.checkpoint = bool(enable)
         return self
+
+    def activation_bytes(self, batch_size: int) -> int:
+        """Estimated activation memory of one training forward of batch_size clips without checkpointing."""
+        return activation_bytes(self.config, batch_size)
 
     def check_tokens(self, tokens, shape: str = "(batch, length)", dim: int = 2) -> None:
         if not isinstance(tokens, torch.Tensor):
@@ -212,7 +223,7 @@ class WaveformAR(nn.Module):
                              f"[{int(tokens.min())}, {int(tokens.max())}]")
 
     # tokens per chunk of the head + cross-entropy in forward(tokens, targets): the (B, L, n_classes)
-    # logits are never materialised whole (131 MB at sc09 batch 8 per copy, and autograd keeps several)
+    # logits are never materialised whole (autograd would keep several copies; docs/benchmarks.md)
     LOSS_CHUNK_TOKENS = 16384
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, mask: torch.Tensor | None = None):
@@ -283,7 +294,10 @@ class WaveformAR(nn.Module):
 
 
 def build_model(config="tiny", **overrides) -> WaveformAR:
-    """WaveformAR from a preset name, a config dict or a ModelConfig; overrides are config fields."""
+    """WaveformAR from a preset name, a config dict or a ModelConfig; overrides are config fields.
+
+    Autoregressive presets only; sashimi.build_model (sashimi.models.registry) takes any family's.
+    """
     return WaveformAR(get_config(config, **overrides))
 
 
@@ -300,7 +314,8 @@ def describe(model: nn.Module) -> str:
         backbone = count_parameters(model.backbone)
         return (f"WaveformAR '{c.name}': {total:,} parameters ({total / 1e6:.2f}M; backbone {backbone:,}) | "
                 f"d_model={c.d_model} n_layers={c.n_layers} pool={list(c.pool)} expand={c.expand} ff={c.ff} "
-                f"mode={c.mode} d_state={c.d_state}{' unet' if c.unet else ''} | "
+                f"mode={c.mode} d_state={c.d_state}{' unet' if c.unet else ''}"
+                f"{'' if c.block_norm == 'layer' else ' block_norm=' + c.block_norm} | "
                 f"{c.sample_rate} Hz, {c.sample_len} samples, {c.bits}-bit {c.quantization}")
     return f"{type(model).__name__}: {total:,} parameters ({total / 1e6:.2f}M)"
 
@@ -309,8 +324,8 @@ def activation_bytes(config: ModelConfig, batch_size: int, length: int | None = 
     """Estimated memory of the activations autograd keeps for one training forward (no checkpointing).
 
     Per (S4, FF) block pair and level: about 7 tensors of the level's (batch, length, width) size
-    for the S4 block and 1 + 2 ff for the FF block, in float32 (measured: 6.3 GB for sc09 at
-    batch 8 against 5.5 GB estimated, the rest being the loss and the S4 kernels). The centre
+    for the S4 block and 1 + 2 ff for the FF block, in float32 (a slight underestimate: the loss
+    and the S4 kernels come on top; docs/benchmarks.md compares it with a measurement). The centre
     has n_layers pairs; each pooling level n_layers (2 n_layers with unet=True).
     """
     length = config.sample_len if length is None else length
@@ -324,24 +339,4 @@ def activation_bytes(config: ModelConfig, batch_size: int, length: int | None = 
     return 4 * per_pair * units
 
 
-def nll_bits(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None):
-    """Negative log-likelihood in bits, summed over the unmasked positions: (sum_bits, count).
-
-    logits (..., n_classes), targets (...) integer levels, mask (...) bool (True = counted) or
-    None for all. sum_bits is a differentiable 0-d tensor (cross-entropy / ln 2); count a 0-d
-    long tensor. Bits per sample = sum_bits / count; both sum across batches and processes.
-    """
-    if logits.shape[:-1] != targets.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} disagree: "
-                         "expected logits (..., n_classes) and targets (...)")
-    if targets.is_floating_point() or targets.is_complex():
-        raise TypeError(f"targets must be integer levels, got {targets.dtype}")
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1).long(),
-                         reduction="none")
-    if mask is None:
-        return ce.sum() / math.log(2), torch.tensor(ce.numel(), device=ce.device)
-    if mask.shape != targets.shape:
-        raise ValueError(f"mask {tuple(mask.shape)} must have the targets' shape {tuple(targets.shape)}")
-    mask = mask.reshape(-1)
-    ce = torch.where(mask.bool(), ce, torch.zeros((), dtype=ce.dtype, device=ce.device))
-    return ce.sum() / math.log(2), mask.bool().sum()
+register_family("autoregressive", ModelConfig, WaveformAR, PRESETS)

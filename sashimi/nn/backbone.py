@@ -28,13 +28,23 @@ from torch.utils.checkpoint import checkpoint as checkpoint_call
 
 from s4lib import S4Block
 
+from ..checks import check_int, check_int_tuple
+from .norms import make_block_norm
+
 __all__ = ["SaShiMi", "DownPool", "UpPool", "FFBlock", "ResidualBlock"]
 
 
-def _run_sequence(blocks, y: torch.Tensor) -> torch.Tensor:
+def _outputs_only(blocks, y: torch.Tensor) -> torch.Tensor:
+    """Blocks in convolution mode without states: what one gradient checkpoint recomputes."""
     for block in blocks:
-        y = block(y)
+        y, _ = block(y)
     return y
+
+
+def _fused_backbone():
+    from . import fused_backbone  # imports this module: loaded on first use
+
+    return fused_backbone
 
 
 class DownPool(nn.Module):
@@ -101,18 +111,21 @@ class FFBlock(nn.Module):
 class ResidualBlock(nn.Module):
     """x + dropout(layer(norm(x))) (prenorm), or norm(x + dropout(layer(x))) (postnorm).
 
-    `layer` is an S4Block (stateful, returns (y, state)) or an FFBlock (stateless).
+    `layer` is an S4Block (stateful, returns (y, state)) or an FFBlock (stateless); norm is
+    'layer' (nn.LayerNorm) or 'scalar' (sashimi.nn.norms.ScalarLayerNorm).
     """
 
-    def __init__(self, d_model: int, layer: nn.Module, dropout: float = 0.0, prenorm: bool = True):
+    def __init__(self, d_model: int, layer: nn.Module, dropout: float = 0.0, prenorm: bool = True,
+                 norm: str = "layer"):
         super().__init__()
         self.layer, self.prenorm = layer, prenorm
         self.stateful = isinstance(layer, S4Block)
-        self.norm = nn.LayerNorm(d_model)
+        self.norm = make_block_norm(norm, d_model)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, state=None):
-        """x (B, L, H) -> (B, L, H). With a state (S4 blocks only): (y, next_state)."""
+        """x (B, L, H) -> (y (B, L, H), next_state): the S4 layer's state after the sequence, continuing
+        from `state` (None: from zero); a stateless (FF) block returns None for it."""
         z = self.norm(x) if self.prenorm else x
         if self.stateful:
             z, next_state = self.layer(z, state=state)
@@ -121,7 +134,7 @@ class ResidualBlock(nn.Module):
         x = x + self.dropout(z)
         if not self.prenorm:
             x = self.norm(x)
-        return x if state is None else (x, next_state)
+        return x, next_state
 
     def step(self, x: torch.Tensor, state):
         """x (B, H) -> (y (B, H), state)."""
@@ -153,6 +166,8 @@ class SaShiMi(nn.Module):
     dropout: in the S4 and FF layers and on each residual branch.
     prenorm: LayerNorm before each layer (True) or after each residual add (False).
     final_norm: a LayerNorm on the output (as in the reference backbone).
+    block_norm: the residual blocks' normalisation, 'layer' (LayerNorm) or 'scalar' (one gain
+        and shift, as in the reference's training code; see sashimi.nn.norms).
     checkpoint: gradient checkpointing in training, one checkpoint per (S4, FF) layer pair
         (per block in the U-Net's skip-connected paths); the `checkpoint` attribute may be
         switched at any time. Activations are recomputed in the backward pass, trading about
@@ -166,21 +181,21 @@ class SaShiMi(nn.Module):
 
     def __init__(self, d_model: int = 64, n_layers: int = 8, pool=(4, 4), expand: int = 2, ff: int = 2,
                  bidirectional: bool | None = None, unet: bool = False, dropout: float = 0.0,
-                 prenorm: bool = True, final_norm: bool = True, checkpoint: bool = False, **s4_kwargs):
+                 prenorm: bool = True, final_norm: bool = True, checkpoint: bool = False, block_norm: str = "layer",
+                 **s4_kwargs):
         super().__init__()
-        pool = tuple(pool)
         for name, value, low in (("d_model", d_model, 1), ("n_layers", n_layers, 0), ("expand", expand, 1),
                                  ("ff", ff, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-        if any(isinstance(p, bool) or not isinstance(p, int) or p < 1 for p in pool):
-            raise ValueError(f"pool must be a sequence of ints >= 1, got {pool!r}")
+            check_int(name, value, low)
+        pool = check_int_tuple("pool", pool, low=1)
         if not 0 <= dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         for key in ("transposed", "d_model"):
             if key in s4_kwargs:
                 raise ValueError(f"{key!r} is set by SaShiMi, not an S4 keyword here")
+        make_block_norm(block_norm, 1)  # validates the name
         bidirectional = unet if bidirectional is None else bool(bidirectional)
+        self.block_norm = block_norm
         self.d_model, self.n_layers, self.pool, self.expand, self.ff = d_model, n_layers, pool, expand, ff
         self.unet, self.bidirectional = bool(unet), bidirectional
         self.causal = not bidirectional
@@ -192,9 +207,9 @@ class SaShiMi(nn.Module):
             layers = []
             for _ in range(n_layers):
                 s4 = S4Block(width, transposed=False, dropout=dropout, bidirectional=bidirectional, **s4_kwargs)
-                layers.append(ResidualBlock(width, s4, dropout, prenorm))
+                layers.append(ResidualBlock(width, s4, dropout, prenorm, block_norm))
                 if ff > 0:
-                    layers.append(ResidualBlock(width, FFBlock(width, ff, dropout), dropout, prenorm))
+                    layers.append(ResidualBlock(width, FFBlock(width, ff, dropout), dropout, prenorm, block_norm))
             return nn.ModuleList(layers)
 
         levels = range(len(pool))
@@ -204,6 +219,10 @@ class SaShiMi(nn.Module):
         self.up_pools = nn.ModuleList(UpPool(self.widths[i + 1], expand, pool[i], causal=self.causal) for i in levels)
         self.up_blocks = nn.ModuleList(blocks(self.widths[i]) for i in levels)
         self.norm = nn.LayerNorm(d_model) if final_norm else nn.Identity()
+        # recurrent step: 'auto' runs the fused engine when it applies (sashimi.nn.fused_backbone),
+        # 'eager' always the module-by-module step (the oracle), 'fused' raises if it cannot run fused
+        self.step_backend = "auto"
+        self._step_generation = 0  # bumped by setup_step(): the fused engine is rebuilt
 
     @property
     def d_output(self) -> int:
@@ -232,45 +251,51 @@ class SaShiMi(nn.Module):
         self.check_input(x)
         return self.norm(self._forward_level(0, x))
 
-    def _block(self, block: ResidualBlock, x: torch.Tensor) -> torch.Tensor:
-        if self.checkpoint and self.training and torch.is_grad_enabled():
-            # The reentrant variant runs the first forward under no_grad, which frees each block's
-            # temporaries at once: on CPU its heap ends up ~1 GB smaller at sc09 batch 8 (glibc
-            # fragments less). It only records the block's graph when its input needs a gradient,
-            # so an input that does not (a frozen embedding) takes the non-reentrant variant.
-            return checkpoint_call(block, x, use_reentrant=x.requires_grad)
-        return block(x)
+    def _run_blocks(self, blocks, x: torch.Tensor, states: list | None = None, record: list | None = None,
+                    add: list | None = None) -> torch.Tensor:
+        """A chain of residual blocks in convolution mode: the one way every path runs them.
 
-    def _run_blocks(self, blocks, y: torch.Tensor) -> torch.Tensor:
-        """A chain of blocks; with checkpointing, one checkpoint per layer (an (S4, FF) pair).
-
-        Pairs rather than single blocks: half as many saved inputs, and at sc09 batch 8 a peak
-        RSS of 2.5 GB instead of 3.6 GB at the same speed (groups of four: 2.8 GB).
+        states: per-block states, continued and replaced in place (prefill); None starts from zero.
+        record: list that receives each block's output (U-Net skips on the way down); add: stack
+        whose top is added to each block's output (U-Net skips on the way up). When training with
+        gradient checkpointing (and no states), each checkpoint covers one layer, an (S4, FF) pair
+        (one block when skips come between blocks): half as many saved inputs as one per block, at
+        the same speed (docs/benchmarks.md).
         """
-        if not (self.checkpoint and self.training and torch.is_grad_enabled()):
-            for block in blocks:
-                y = block(y)
-            return y
-        blocks, group = list(blocks), 2 if self.ff > 0 else 1
-        for k in range(0, len(blocks), group):
-            # reentrant when the input needs a gradient: see _block
-            y = checkpoint_call(_run_sequence, blocks[k:k + group], y, use_reentrant=y.requires_grad)
-        return y
+        blocks = list(blocks)
+        if self.checkpoint and self.training and torch.is_grad_enabled() and states is None:
+            group = 2 if self.ff > 0 and record is None and add is None else 1
+            for k in range(0, len(blocks), group):
+                # The reentrant variant runs the first forward under no_grad, which frees each layer's
+                # temporaries at once (on CPU the heap fragments less, docs/benchmarks.md). It only records
+                # the graph when its input needs a gradient, so an input that does not (a frozen
+                # embedding) takes the non-reentrant variant.
+                x = checkpoint_call(_outputs_only, blocks[k:k + group], x, use_reentrant=x.requires_grad)
+                x = self._skips(x, record, add)
+            return x
+        for j, block in enumerate(blocks):
+            x, state = block(x, None if states is None else states[j])
+            if states is not None:
+                states[j] = state
+            x = self._skips(x, record, add)
+        return x
+
+    @staticmethod
+    def _skips(x: torch.Tensor, record: list | None, add: list | None) -> torch.Tensor:
+        if add is not None:
+            x = x + add.pop()
+        if record is not None:
+            record.append(x)
+        return x
 
     def _forward_level(self, i: int, x: torch.Tensor) -> torch.Tensor:
         if i == len(self.pool):  # centre
             return self._run_blocks(self.center_blocks, x) + x
         skips = [x]
-        for block in self.down_blocks[i]:
-            x = self._block(block, x)
-            skips.append(x)
-        coarse = self._forward_level(i + 1, self.down_pools[i](x))
-        y = self.up_pools[i](coarse)
+        x = self._run_blocks(self.down_blocks[i], x, record=skips)
+        y = self.up_pools[i](self._forward_level(i + 1, self.down_pools[i](x)))
         if self.unet:  # the UpPool and each up block get their mirror image's skip
-            y = y + skips.pop()
-            for block in self.up_blocks[i]:
-                y = self._block(block, y) + skips.pop()
-            return y
+            return self._run_blocks(self.up_blocks[i], y + skips.pop(), add=skips)
         u = y + skips[0]
         return self._run_blocks(self.up_blocks[i], u) + u
 
@@ -292,6 +317,7 @@ class SaShiMi(nn.Module):
         self._require_causal("setup_step")
         for block in self._stateful_blocks():
             block.layer.setup_step(mode=mode, **kwargs)
+        self._step_generation += 1
 
     def default_state(self, batch_size: int, device=None) -> dict:
         """The state before the first step: a dict of lists (one entry per level / block).
@@ -301,8 +327,7 @@ class SaShiMi(nn.Module):
         pending: per level, the UpPool's outputs for the current group of p fine steps (B, p*H).
         """
         self._require_causal("default_state")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        check_int("batch_size", batch_size, 1)
         weight = next(self.parameters())
         device = weight.device if device is None else device
 
@@ -334,29 +359,11 @@ class SaShiMi(nn.Module):
                              f"got {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
         return self.norm(self._prefill_level(0, x, state)), state
 
-    @staticmethod
-    def _run(blocks, x, states, record=None, add=None):
-        """Blocks in convolution mode with state forwarding (states updated in place).
-
-        record: list that receives each block's output; add: stack whose top is added to
-        each block's output (U-Net skips).
-        """
-        for j, block in enumerate(blocks):
-            if block.stateful:
-                x, states[j] = block(x, state=states[j])
-            else:
-                x = block(x)
-            if add is not None:
-                x = x + add.pop()
-            if record is not None:
-                record.append(x)
-        return x
-
     def _prefill_level(self, i: int, x: torch.Tensor, state: dict) -> torch.Tensor:
         if i == len(self.pool):  # centre
-            return self._run(self.center_blocks, x, state["center"]) + x
+            return self._run_blocks(self.center_blocks, x, state["center"]) + x
         skips = [x]
-        x = self._run(self.down_blocks[i], x, state["down"][i], record=skips)
+        x = self._run_blocks(self.down_blocks[i], x, state["down"][i], record=skips)
         B, L, H = x.shape
         p, buffer = self.pool[i], state["buffer"][i]
         k = len(buffer)  # inputs already waiting in the DownPool: x continues their group
@@ -373,48 +380,50 @@ class SaShiMi(nn.Module):
         y = pending.reshape(B, -1, H)[:, k:k + L]
         states = state["up"][i]
         if self.unet:
-            return self._run(self.up_blocks[i], y + skips.pop(), states, add=skips)
+            return self._run_blocks(self.up_blocks[i], y + skips.pop(), states, add=skips)
         u = y + skips[0]
-        return self._run(self.up_blocks[i], u, states) + u
+        return self._run_blocks(self.up_blocks[i], u, states) + u
 
     def step(self, x: torch.Tensor, state: dict):
         """One time step: x (B, d_model) -> (y (B, d_model), state).
 
         The state's containers (dict and lists) are updated in place and returned; its tensors
         are never modified in place, so copying the containers (not the tensors) snapshots it.
+        Runs on the fused engine when it applies (CPU float32, no autograd graph, a supported
+        configuration: sashimi.nn.fused_backbone), else block by block; both keep this state format.
         """
         if x.dim() != 2 or x.shape[-1] != self.d_model:
             raise ValueError(f"step input must have shape (batch, d_model={self.d_model}), got {tuple(x.shape)}")
+        if self.step_backend != "eager" and not torch.compiler.is_compiling():
+            out = _fused_backbone().backbone_step(self, x, state)
+            if out is not None:
+                return out
         return self.norm(self._step_level(0, x, state)), state
+
+    @staticmethod
+    def _step_blocks(blocks, x: torch.Tensor, states: list, record: list | None = None,
+                     add: list | None = None) -> torch.Tensor:
+        """The recurrent twin of _run_blocks: one step through a chain of blocks (states replaced in place)."""
+        for j, block in enumerate(blocks):
+            x, states[j] = block.step(x, states[j])
+            x = SaShiMi._skips(x, record, add)
+        return x
 
     def _step_level(self, i: int, x: torch.Tensor, state: dict) -> torch.Tensor:
         if i == len(self.pool):  # centre
-            y, states = x, state["center"]
-            for j, block in enumerate(self.center_blocks):
-                y, states[j] = block.step(y, states[j])
-            return y + x
+            return self._step_blocks(self.center_blocks, x, state["center"]) + x
         skips = [x]
-        states = state["down"][i]
-        for j, block in enumerate(self.down_blocks[i]):
-            x, states[j] = block.step(x, states[j])
-            skips.append(x)
+        x = self._step_blocks(self.down_blocks[i], x, state["down"][i], record=skips)
         # This step's output uses the pending UpPool outputs from the previous coarse step,
         # so the up path runs before the DownPool can fire and refresh them.
         buffer, H = state["buffer"][i], self.widths[i]
         phase = len(buffer)
         y = state["pending"][i][:, phase * H:(phase + 1) * H]
-        states = state["up"][i]
         if self.unet:
-            y = y + skips.pop()
-            for j, block in enumerate(self.up_blocks[i]):
-                y, states[j] = block.step(y, states[j])
-                y = y + skips.pop()
+            y = self._step_blocks(self.up_blocks[i], y + skips.pop(), state["up"][i], add=skips)
         else:
             u = y + skips[0]
-            y = u
-            for j, block in enumerate(self.up_blocks[i]):
-                y, states[j] = block.step(y, states[j])
-            y = y + u
+            y = self._step_blocks(self.up_blocks[i], u, state["up"][i]) + u
         buffer.append(x)
         if len(buffer) == self.pool[i]:
             coarse = self.down_pools[i].fire(buffer)

@@ -19,7 +19,6 @@ the same levels on either path. See docs/generation.md.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import time
 import warnings
@@ -27,16 +26,16 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
-from tqdm.auto import tqdm
 
+from ..checks import check_int, check_number
 from ..data.audio import load_audio, probe_audio
-from ..models.autoregressive import WaveformAR
 from ..data.quantize import Quantizer
+from ..models.autoregressive import WaveformAR
+from ..objectives.autoregressive import LN2
+from ..progress import progress as progress_display
 from .sampling import UniformStream, check_sampling, sample
 
 __all__ = ["Generator", "GenerationResult", "Chunk", "FastPathWarning", "load_prefix"]
-
-LN2 = math.log(2.0)
 
 
 class FastPathWarning(UserWarning):
@@ -187,16 +186,14 @@ class Generator:
     def __init__(self, model: WaveformAR, batch_size: int = 1, fast="auto", step_threads: int | None = 1):
         if not isinstance(model, WaveformAR):
             raise TypeError(f"Generator needs a sashimi WaveformAR, got {type(model).__name__}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        check_int("batch_size", batch_size, 1)
         if fast not in (True, False, "auto"):
             raise ValueError(f"fast must be True, False or 'auto', got {fast!r}")
-        if step_threads is not None and (not isinstance(step_threads, int) or step_threads < 1):
-            raise ValueError(f"step_threads must be a positive integer or None, got {step_threads!r}")
+        check_int("step_threads", step_threads, 1, allow_none=True)
         self.model, self.batch_size, self.fast, self.step_threads = model, batch_size, fast, step_threads
         config = model.config
         self.sample_rate = config.sample_rate
-        self.quantizer = Quantizer(config.quantization, config.bits)
+        self.quantizer = config.quantizer()
         self.zero_level = config.zero_level
         self.prepare()
 
@@ -229,8 +226,8 @@ class Generator:
         n_samples, n_steps, sampling, prefix_tokens, prefix_info = self._check_request(
             n_samples, seconds, n_steps, temperature, top_k, top_p, seed, prefix, chunk_len)
         n_generated = n_steps - len(prefix_tokens)
-        bar = tqdm(total=n_samples * n_generated, unit="sample", unit_scale=True, dynamic_ncols=True,
-                   disable=not progress, desc=f"generate ({self.path})")
+        bar = progress_display(total=n_samples * n_generated, unit="sample", unit_scale=True, disable=not progress,
+                               desc=f"generate ({self.path})")
         pieces, seconds_spent = [], 0.0
         try:
             for first in range(0, n_samples, self.batch_size):
@@ -293,21 +290,15 @@ class Generator:
     def _check_request(self, n_samples, seconds, n_steps, temperature, top_k, top_p, seed, prefix, chunk_len):
         sampling = check_sampling(temperature, top_k, top_p)
         n_samples = self.batch_size if n_samples is None else n_samples
-        if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
-            raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
+        check_int("n_samples", n_samples, 1)
         if (seconds is None) == (n_steps is None):
             raise ValueError("give exactly one of seconds and n_steps (the length of each sequence)")
         if seconds is not None:
-            if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0 \
-                    or not math.isfinite(seconds):
-                raise ValueError(f"seconds must be a positive number, got {seconds!r}")
+            check_number("seconds", seconds, 0, low_open=True)
             n_steps = max(1, round(seconds * self.sample_rate))
-        if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
-            raise ValueError(f"n_steps must be a positive integer, got {n_steps!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
-        if chunk_len is not None and (isinstance(chunk_len, bool) or not isinstance(chunk_len, int) or chunk_len < 1):
-            raise ValueError(f"chunk_len must be a positive integer or None, got {chunk_len!r}")
+        check_int("n_steps", n_steps, 1)
+        check_int("seed", seed, 0)
+        check_int("chunk_len", chunk_len, 1, allow_none=True)
         prefix_tokens, prefix_info = torch.zeros(0, dtype=torch.long), None
         if prefix is not None:
             prefix_tokens, prefix_info = load_prefix(prefix, self.sample_rate, self.quantizer)

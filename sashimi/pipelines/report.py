@@ -11,14 +11,13 @@ spectrogram image per sample, each referring to a file next to it by a relative 
 from __future__ import annotations
 
 import html
-import json
 import math
 import os
-import tempfile
 
 import numpy as np
 
 from ..data.audio import save_audio
+from ..files import atomic_write, write_json
 
 __all__ = ["write_report", "spectrogram_png"]
 
@@ -30,19 +29,6 @@ td, th { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; font-s
 .sample img { display: block; max-width: 100%; margin-top: 0.5em; }
 .note { color: #666; font-size: 0.9em; }
 """
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def spectrogram_png(path: str, audio: np.ndarray, sample_rate: int, title: str = "", mark_seconds: float | None = None):
@@ -61,8 +47,9 @@ def spectrogram_png(path: str, audio: np.ndarray, sample_rate: int, title: str =
     ax = fig.add_subplot()
     n_fft = 512 if len(audio) >= 2048 else max(16, 2 ** int(math.log2(max(len(audio) // 4, 16))))
     if len(audio) >= n_fft:
+        loud = np.abs(audio).max() > 1e-4  # a silent clip's spectrum lies below -120 dB: let the colours autoscale
         ax.specgram(audio + 1e-9, NFFT=n_fft, Fs=sample_rate, noverlap=n_fft * 3 // 4, cmap="magma",
-                    scale="dB", vmin=-120)
+                    scale="dB", vmin=-120 if loud else None)
     else:  # too short for one frame: show the waveform instead
         ax.plot(np.arange(len(audio)) / sample_rate, audio, lw=0.5)
     if mark_seconds:
@@ -74,7 +61,7 @@ def spectrogram_png(path: str, audio: np.ndarray, sample_rate: int, title: str =
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90)
-    _atomic_write(path, buffer.getvalue())
+    atomic_write(path, buffer.getvalue())
 
 
 def _table(rows: dict) -> str:
@@ -90,12 +77,52 @@ def _fmt(value) -> str:
     return "-" if value is None else str(value)
 
 
+# Sample-quality scores shown on the page (key in sashimi.metrics.score's dict, label, which way is better)
+_SCORE_ROWS = (("fid", "FID (classifier features)", "lower"), ("is", "Inception Score", "higher"),
+               ("mis", "modified Inception Score", "higher"), ("am", "AM score", "lower"),
+               ("ndb", "NDB (differing bins)", "lower"), ("mel_fd", "mel-statistics Fréchet distance", "lower"))
+
+
+def _scores_section(scores: dict) -> str:
+    rows = "".join(
+        f"<tr><th>{label}</th><td>{html.escape(_fmt(scores[key]))}"
+        + (f" / {scores['ndb_bins']}" if key == "ndb" else "")
+        + f"</td><td>{better} is better</td><td>"
+        + (html.escape(_fmt(scores.get("real_" + key))) if scores.get("real_" + key) is not None else "")
+        + "</td></tr>" for key, label, better in _SCORE_ROWS if key in scores)
+    notes = "".join(f"<li>{html.escape(n)}</li>" for n in scores.get("notes", []))
+    return (f"<h2>Sample quality</h2><p>{scores.get('n_fake')} generated clips against {scores.get('n_real')} real "
+            f"clips; evaluation classifier held-out accuracy {_fmt(scores.get('classifier_test_accuracy'))} "
+            f"(docs/metrics.md).</p><table><tr><th>score</th><th>generated</th><th></th><th>real clips</th></tr>"
+            f"{rows}</table>" + (f"<ul class=\"note\">{notes}</ul>" if notes else ""))
+
+
+def _reference_cards(out_dir: str, references: dict) -> tuple[list[str], list[str]]:
+    """real_000.wav/.png for each reference clip; (cards, wav paths)."""
+    cards, wavs = [], []
+    rate = references["sample_rate"]
+    names = references.get("labels") or [None] * len(references["audio"])
+    for i, (audio, label) in enumerate(zip(references["audio"], names)):
+        audio = np.asarray(audio, dtype=np.float32)
+        wav_name, png_name = f"real_{i:03d}.wav", f"real_{i:03d}.png"
+        save_audio(os.path.join(out_dir, wav_name), audio, rate)
+        spectrogram_png(os.path.join(out_dir, png_name), audio, rate, title=f"real clip {i}" + (f": {label}" if label else ""))
+        wavs.append(os.path.join(out_dir, wav_name))
+        cards.append(f'<div class="sample"><h3>{html.escape(wav_name)}' + (f" ({html.escape(label)})" if label else "")
+                     + f'</h3><audio controls preload="none" src="{html.escape(wav_name)}"></audio>'
+                     f'<img src="{html.escape(png_name)}" alt="spectrogram of {html.escape(wav_name)}"></div>')
+    return cards, wavs
+
+
 def write_report(out_dir: str, result, info: dict | None = None, title: str = "sashimi samples",
-                 stem: str = "sample") -> dict:
+                 stem: str = "sample", scores: dict | None = None, references: dict | None = None) -> dict:
     """Write sample_000.wav, sample_000.png, ... , samples.json and index.html for a GenerationResult.
 
     info: extra JSON-able facts shown on the page and stored under "info" in samples.json
-    (checkpoint, validation bits/sample, ...). Returns {"index", "json", "wavs", "pngs"} paths.
+    (checkpoint, validation bits/sample, ...). scores: a `sashimi.metrics.score` dict, shown
+    as a table and stored under "scores". references: {"audio": (R, T), "sample_rate", "labels"}
+    real clips written as real_000.wav ... and shown before the samples. Returns {"index",
+    "json", "wavs", "pngs"} paths.
     """
     os.makedirs(out_dir, exist_ok=True)
     info = dict(info or {})
@@ -121,8 +148,11 @@ def write_report(out_dir: str, result, info: dict | None = None, title: str = "s
             f'<img src="{html.escape(png_name)}" alt="spectrogram of {html.escape(wav_name)}"></div>')
 
     record = {"info": info, **summary}
+    if scores is not None:
+        record["scores"] = scores
+    reference_cards, _ = _reference_cards(out_dir, references) if references else ([], [])
     json_path = os.path.join(out_dir, "samples.json")
-    _atomic_write(json_path, (json.dumps(record, indent=2, default=str) + "\n").encode())
+    write_json(json_path, record, default=str)
 
     throughput = summary["throughput"]
     settings = {k: v for k, v in summary["settings"].items() if v is not None}
@@ -140,8 +170,11 @@ def write_report(out_dir: str, result, info: dict | None = None, title: str = "s
         f"<p>{len(wavs)} samples, {result.audio.shape[1] / rate:.3f} s each at {rate} Hz. "
         f"Generation speed: {html.escape(speed)}.</p>{prompt}"
         + (f"<h2>Run</h2>{_table(info)}" if info else "")
-        + f"<h2>Settings</h2>{_table(settings)}<h2>Samples</h2>{''.join(cards)}"
+        + (_scores_section(scores) if scores is not None else "")
+        + f"<h2>Settings</h2>{_table(settings)}"
+        + (f"<h2>Real clips (the data)</h2>{''.join(reference_cards)}" if reference_cards else "")
+        + f"<h2>Samples</h2>{''.join(cards)}"
         "<p class=\"note\">Per-sample numbers are in samples.json.</p></body></html>\n")
     index_path = os.path.join(out_dir, "index.html")
-    _atomic_write(index_path, page.encode())
+    atomic_write(index_path, page.encode())
     return {"index": index_path, "json": json_path, "wavs": wavs, "pngs": pngs}

@@ -22,24 +22,19 @@ and however the steps are cut into chunks, so a seed fixes the audio.
 
 from __future__ import annotations
 
-import math
-import numbers
-
 import numpy as np
 import torch
+
+from ..checks import check_int, check_number
 
 __all__ = ["check_sampling", "sample", "sequence_seed", "UniformStream"]
 
 
 def check_sampling(temperature=1.0, top_k=0, top_p=1.0) -> tuple[float, int, float]:
     """Validate the sampling settings; returns them as (float, int, float). Raises ValueError."""
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) \
-            or not math.isfinite(temperature) or temperature < 0:
-        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
-    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0:
-        raise ValueError(f"top_k must be an integer >= 0 (0 = keep all levels), got {top_k!r}")
-    if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1] (1 = no nucleus truncation), got {top_p!r}")
+    check_number("temperature (0 = greedy)", temperature, 0)
+    check_int("top_k (0 = keep all levels)", top_k, 0)
+    check_number("top_p (1 = no nucleus truncation)", top_p, 0, 1, low_open=True)
     return float(temperature), int(top_k), float(top_p)
 
 
@@ -83,9 +78,8 @@ def sample(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float = 1.
 
 def sequence_seed(seed: int, index: int) -> int:
     """The torch.Generator seed of sequence `index` in a run seeded with `seed` (both ints >= 0)."""
-    for name, value in (("seed", seed), ("index", index)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-            raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    check_int("seed", seed, 0)
+    check_int("index", index, 0)
     words = np.random.SeedSequence([int(seed), int(index)]).generate_state(2, dtype=np.uint32)
     return (int(words[0]) << 31) ^ int(words[1])  # < 2**63, as torch.Generator.manual_seed wants
 

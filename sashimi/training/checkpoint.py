@@ -1,4 +1,4 @@
-"""Training checkpoints: their layout, atomic writing, loading with format checks, and RNG states.
+"""Training checkpoints: their layout, writing, loading with format checks, and RNG states.
 
     from sashimi.training.checkpoint import load_checkpoint, model_from_checkpoint
     model = model_from_checkpoint(load_checkpoint("runs/tiny/best.pt"))   # EMA weights when present
@@ -14,17 +14,18 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..models.autoregressive import ModelConfig, build_model
+from ..files import atomic_write
+from .guard import nonfinite_entries
+from ..models.registry import build_model, resolve_config
 
 __all__ = ["CheckpointError", "CHECKPOINT_FORMAT", "LAST_CHECKPOINT", "BEST_CHECKPOINT", "resolve_checkpoint",
-           "load_checkpoint", "model_from_checkpoint", "write_checkpoint", "gather_rng_states", "rng_state",
-           "set_rng_state", "atomic_write"]
+           "load_checkpoint", "model_from_checkpoint", "write_checkpoint", "config_diff", "gather_rng_states",
+           "rng_state", "set_rng_state"]
 
 CHECKPOINT_FORMAT = 1  # bump when the checkpoint layout changes incompatibly
 LAST_CHECKPOINT = "last.pt"  # written every ckpt_every steps, at the end, and on SIGINT/SIGTERM
@@ -73,30 +74,6 @@ def gather_rng_states(world_size: int) -> list[dict]:
 # ----------------------------------------------------------------------------- writing
 
 
-def atomic_write(path: str, write) -> None:
-    """Write a file through `write(fileobj)` into a temporary file in the same folder, fsync, rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
-
-
 def write_checkpoint(path: str, *, train_config: dict, model_config: dict, model: dict, ema: dict | None,
                      optimizer: dict, scheduler: dict, step: int, data: dict, rng: list[dict], nonfinite_total: int,
                      best_val_bits: float, val_bits: float | None, elapsed_seconds: float, world_size: int) -> None:
@@ -120,7 +97,16 @@ def write_checkpoint(path: str, *, train_config: dict, model_config: dict, model
         "world_size": world_size,
         "torch_version": str(torch.__version__),
     }
-    atomic_write(path, lambda f: torch.save(state, f))
+    bad = nonfinite_entries(model, "model.") + nonfinite_entries(ema, "ema.")
+    if bad:
+        raise CheckpointError(f"refusing to write {path}: non-finite weights in {', '.join(bad[:3])}"
+                              + (f" and {len(bad) - 3} more" if len(bad) > 3 else ""))
+    try:
+        atomic_write(path, lambda f: torch.save(state, f))
+    except OSError as e:
+        kept = f"the previous {os.path.basename(path)} is kept" if os.path.exists(path) else "nothing was written"
+        raise OSError(e.errno, f"cannot write checkpoint {path}: {e.strerror or e} ({kept}); free space or "
+                               f"choose another --out, then --resume") from e
 
 
 # ----------------------------------------------------------------------------- reading
@@ -141,9 +127,17 @@ def resolve_checkpoint(ckpt: str, prefer: tuple[str, ...] = (LAST_CHECKPOINT,)) 
 def load_checkpoint(path: str) -> dict:
     """torch.load(weights_only=True) plus format checks; raises CheckpointError with the reason."""
     try:
+        size = os.path.getsize(path)
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}") from e
+    if size == 0:
+        raise CheckpointError(f"cannot read checkpoint {path}: the file is empty (0 bytes; its writing was cut "
+                              f"short, e.g. by a full disk); use another checkpoint of the run or retrain")
+    try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated file, not a torch file, unsafe pickle content, ...
-        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot read checkpoint {path}: {reason}") from e
     if not isinstance(state, dict) or "format_version" not in state:
         raise CheckpointError(f"{path} is not a sashimi checkpoint (no format_version)")
     if state["format_version"] != CHECKPOINT_FORMAT:
@@ -152,8 +146,13 @@ def load_checkpoint(path: str) -> dict:
     return state
 
 
-def _config_diff(saved: dict, wanted: dict) -> list[str]:
+def config_diff(saved: dict, wanted: dict) -> list[str]:
     """The model-config fields in which a checkpoint differs from the requested model, as readable lines."""
+    # fields added since the checkpoint was written (e.g. family) take their defaults
+    try:
+        saved = resolve_config(saved).to_dict()
+    except (TypeError, ValueError):
+        pass  # an unreadable config: compare the raw dicts
     # 'backend' picks how kernels are computed, not what the model is: a run may resume on another one
     keys = sorted((set(saved) | set(wanted)) - {"backend"})
     norm = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731  (JSON turns tuples into lists)
@@ -164,8 +163,7 @@ def _config_diff(saved: dict, wanted: dict) -> list[str]:
 def model_from_checkpoint(state: dict, use_ema: bool = True, path: str = "checkpoint"):
     """Build the model described by a loaded checkpoint and load its (EMA) weights."""
     try:
-        model_config = ModelConfig.from_dict(state["model_config"])
-        model = build_model(model_config)
+        model = build_model(state["model_config"])
     except Exception as e:
         raise CheckpointError(f"{path}: cannot build the model it describes ({e})") from e
     weights = state["ema"] if use_ema and state.get("ema") is not None else state["model"]

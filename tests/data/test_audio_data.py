@@ -11,8 +11,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from sashimi.data.audio import AudioError, load_audio, probe_audio, resample_factors, resampled_length, save_audio
-from sashimi.data.datasets import (BUILTIN_CLASSES, AudioFolderDataset, BadAudioWarning, BuiltinDataset,
-                          assign_file_splits, make_dataset)
+from sashimi.data.builtin_synth import BUILTIN_CLASSES
+from sashimi.data.datasets import (AudioFolderDataset, BadAudioWarning, BuiltinDataset, assign_file_splits,
+                                   dataset_for, make_dataset)
 from sashimi.data.quantize import Quantizer
 
 SR = 16000
@@ -190,7 +191,7 @@ def test_mixed_formats_bad_files_one_warning(tmp_path):
     for i in range(len(ds)):
         item = ds[i]
         assert item["label"] == (0 if ds.item_source(i)[0].startswith("a/") else 1)
-        assert set(item) == {"x", "y", "mask", "label"}
+        assert set(item) == {"tokens", "wav", "mask", "label"}
 
 
 def test_nothing_usable_is_a_clear_error(tmp_path):
@@ -251,7 +252,7 @@ def test_chunking_long_file_and_padding_short(tmp_path):
     write(str(root / "long.wav"), long, subtype="FLOAT")
     write(str(root / "short.wav"), long[:1000], subtype="FLOAT")
     write(str(root / "third.wav"), long[:4000], subtype="FLOAT")
-    ds = AudioFolderDataset(root, "train", sample_len=4000, split_fractions=(1, 0, 0), waveform=True)
+    ds = AudioFolderDataset(root, "train", sample_len=4000, split_fractions=(1, 0, 0))
     items = {ds.item_source(i): ds[i] for i in range(len(ds))}
     assert sorted(items) == [("long.wav", 0), ("long.wav", 4000), ("long.wav", 8000), ("short.wav", 0),
                              ("third.wav", 0)]
@@ -259,19 +260,29 @@ def test_chunking_long_file_and_padding_short(tmp_path):
     for (name, start), item in items.items():
         n = {("long.wav", 8000): 1500, ("short.wav", 0): 1000}.get((name, start), 4000)
         assert item["mask"].sum() == n and item["mask"][:n].all()
-        assert torch.equal(item["y"][:n], quantizer.encode(long[start:start + n]))
-        assert torch.all(item["y"][n:] == 128) and torch.all(item["wav"][n:] == 0)
+        assert torch.equal(item["tokens"][:n], quantizer.encode(long[start:start + n]))
+        assert torch.all(item["tokens"][n:] == 128) and torch.all(item["wav"][n:] == 0)
         assert torch.allclose(item["wav"][:n], torch.from_numpy(long[start:start + n]))
         assert item["label"] == -1  # files at the top of the folder have no class
 
 
-def test_shift_by_one_convention():
+def test_items_carry_wav_mask_label_and_the_quantised_tokens():
     for ds in (BuiltinDataset("val", n_items=3), BuiltinDataset("val", n_items=3, quantizer="linear", bits=4)):
         item = ds[1]
-        zero = ds.quantizer.zero_level
-        assert item["x"][0] == zero and torch.equal(item["x"][1:], item["y"][:-1])
-        assert item["x"].dtype == item["y"].dtype == torch.long and item["mask"].dtype == torch.bool
-        assert int(item["y"].max()) < ds.quantizer.levels
+        assert set(item) == {"wav", "mask", "label", "tokens"}
+        assert item["tokens"].dtype == torch.long and item["mask"].dtype == torch.bool
+        assert item["wav"].dtype == torch.float32 and item["wav"].shape == item["tokens"].shape
+        assert torch.equal(item["tokens"], ds.quantizer.encode(item["wav"]))
+        assert int(item["tokens"].max()) < ds.quantizer.levels
+
+
+def test_dataset_for_a_model_config_uses_its_quantiser():
+    from sashimi.models.autoregressive import get_config
+
+    config = get_config("tiny", sample_len=512, quantization="linear", bits=4)
+    ds = dataset_for(config, "builtin", "val", n_items=2)
+    assert ds.sample_len == 512 and ds.quantizer == Quantizer("linear", 4)
+    assert int(ds[0]["tokens"].max()) < 16
 
 
 def test_tiny_folder_splits_by_chunk(tmp_path):
@@ -300,7 +311,7 @@ def test_read_failure_replaced_deterministically(tmp_path):
     assert ds.n_replaced == 1 and ds.item_source(victim)[0] in ds.read_failures
     assert item["mask"].any()
     with pytest.warns(BadAudioWarning):
-        assert torch.equal(ds2[victim]["y"], item["y"])  # the same replacement in another instance
+        assert torch.equal(ds2[victim]["tokens"], item["tokens"])  # the same replacement in another instance
     for i in range(len(ds)):  # an epoch completes
         ds[i]
     assert ds.n_replaced == 2
@@ -316,22 +327,20 @@ def test_unchecked_bad_file_is_replaced_not_fatal(tmp_path):
     with pytest.warns(BadAudioWarning, match="non-finite"):
         items = [ds[i] for i in range(len(ds))]
     assert ds.n_replaced == 1 and ds.read_failures == {"up/zz_inf.wav": "non-finite"}
-    assert all(torch.isfinite(item["y"].float()).all() for item in items)
+    assert all(torch.isfinite(item["tokens"].float()).all() for item in items)
 
 
 def test_waveform_only_items_and_caching_paths_agree(tmp_path):
     root = make_folder(str(tmp_path / "w"), n_per_class=3, seconds=0.2)
-    cached = AudioFolderDataset(root, "train", sample_len=2000, split_fractions=(1, 0, 0), waveform=True)
-    uncached = AudioFolderDataset(root, "train", sample_len=2000, split_fractions=(1, 0, 0), waveform=True,
+    cached = AudioFolderDataset(root, "train", sample_len=2000, split_fractions=(1, 0, 0))
+    uncached = AudioFolderDataset(root, "train", sample_len=2000, split_fractions=(1, 0, 0),
                                   cache_bytes=0, check_files=False)
     assert cached._cache and not uncached._cache
     for i in range(len(cached)):
-        assert torch.equal(cached[i]["wav"], uncached[i]["wav"]) and torch.equal(cached[i]["y"], uncached[i]["y"])
-    wav_only = AudioFolderDataset(root, "train", sample_len=2000, split_fractions=(1, 0, 0), quantizer=None,
-                                  waveform=True)
+        assert torch.equal(cached[i]["wav"], uncached[i]["wav"]) and torch.equal(cached[i]["tokens"], uncached[i]["tokens"])
+    wav_only = AudioFolderDataset(root, "train", sample_len=2000, split_fractions=(1, 0, 0), quantizer=None)
     assert set(wav_only[0]) == {"wav", "mask", "label"}
-    with pytest.raises(ValueError, match="waveform=True"):
-        AudioFolderDataset(root, "train", quantizer=None)
+    assert set(cached[0]) == {"wav", "mask", "label", "tokens"}
 
 
 def test_default_collate_and_make_dataset(tmp_path):
@@ -342,7 +351,7 @@ def test_default_collate_and_make_dataset(tmp_path):
     assert isinstance(builtin, BuiltinDataset) and builtin.seed == 3
     for ds in (folder, builtin):
         batch = next(iter(DataLoader(ds, batch_size=4, shuffle=False)))
-        assert batch["x"].shape == batch["y"].shape == batch["mask"].shape == (4, ds.sample_len)
+        assert batch["tokens"].shape == batch["wav"].shape == batch["mask"].shape == (4, ds.sample_len)
         assert batch["label"].shape == (4,) and batch["label"].dtype == torch.long
     with pytest.raises(ValueError, match="split"):
         make_dataset("builtin", "dev")
@@ -359,16 +368,16 @@ def test_builtin_shape_classes_and_determinism():
     assert sorted(set(labels)) == list(range(10)) and labels.count(0) == 4
     assert {ds.clip_info(i)["timbre_name"] for i in range(40)} == set(ds.timbres)
     item = ds[17]
-    assert item["x"].shape == (SR,) and item["mask"].all()
+    assert item["tokens"].shape == (SR,) and item["mask"].all()
     fresh = BuiltinDataset("train", n_items=40)[17]  # no state: rebuilt from (seed, split, index)
-    assert all(torch.equal(item[k], fresh[k]) for k in ("x", "y", "mask")) and item["label"] == fresh["label"]
-    assert not torch.equal(item["y"], BuiltinDataset("train", n_items=40, seed=1)[17]["y"])
-    assert not torch.equal(item["y"], BuiltinDataset("test", n_items=40)[17]["y"])
+    assert all(torch.equal(item[k], fresh[k]) for k in ("tokens", "wav", "mask")) and item["label"] == fresh["label"]
+    assert not torch.equal(item["tokens"], BuiltinDataset("train", n_items=40, seed=1)[17]["tokens"])
+    assert not torch.equal(item["tokens"], BuiltinDataset("test", n_items=40)[17]["tokens"])
     assert BuiltinDataset("val").n_items == 500 and BuiltinDataset("train").n_items == 10000
 
 
 def test_builtin_audio_is_sane_and_structured():
-    ds = BuiltinDataset("val", n_items=40, quantizer=None, waveform=True)
+    ds = BuiltinDataset("val", n_items=40, quantizer=None)
     wavs = np.stack([ds[i]["wav"].numpy() for i in range(40)])
     assert np.isfinite(wavs).all() and np.abs(wavs).max() <= 0.8 + 1e-3
     assert (np.abs(wavs).max(axis=1) > 0.2).all()  # every clip has a note
@@ -387,9 +396,9 @@ def test_builtin_chunks_and_other_rates():
     ds = BuiltinDataset("train", n_items=2, sample_len=4096)
     assert ds.chunks_per_clip == 4 and len(ds) == 8
     assert [int(ds[i]["mask"].sum()) for i in range(4)] == [4096, 4096, 4096, 16000 - 3 * 4096]
-    whole = BuiltinDataset("train", n_items=2)[1]["y"]
-    assert torch.equal(torch.cat([ds[4 + k]["y"] for k in range(4)])[:16000], whole)
-    slow = BuiltinDataset("train", n_items=2, sample_rate=8000, sample_len=8000, waveform=True)
+    whole = BuiltinDataset("train", n_items=2)[1]["tokens"]
+    assert torch.equal(torch.cat([ds[4 + k]["tokens"] for k in range(4)])[:16000], whole)
+    slow = BuiltinDataset("train", n_items=2, sample_rate=8000, sample_len=8000)
     assert slow[0]["wav"].shape == (8000,) and slow[0]["wav"].abs().max() > 0.2
 
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from sashimi import PRESETS, ModelConfig, SaShiMi, WaveformAR, build_model
-from sashimi.models.autoregressive import count_parameters, describe, get_config, nll_bits
+from sashimi.models.autoregressive import count_parameters, describe, get_config
+from sashimi.objectives.autoregressive import nll_bits
 
 BACKEND = "naive"  # the oracle kernel ops; sequences here are short
 # The HiPPO-LegS init diagonalises the same matrix once per channel (~20 s for sc09 on this

@@ -16,12 +16,13 @@ from conftest import skip_unless_ci
 import torch
 
 from sashimi import build_model
-from sashimi.models.autoregressive import ModelConfig, WaveformAR, nll_bits
+from sashimi.models.autoregressive import ModelConfig, WaveformAR
+from sashimi.objectives.autoregressive import nll_bits
 from sashimi.pipelines.generate import _torch_threads  # the library's own thread-count context
 from sashimi.pipelines.sampling import sample as sample_oracle
 
 fast_step = pytest.importorskip("sashimi.pipelines.fast_step")
-from sashimi.pipelines.fast_step import FastPathUnavailable, FastStepper, fast_path_status, sample  # noqa: E402
+from sashimi.pipelines.fast_step import FastPathUnavailable, FastStepper, engine_sample, fast_path_status  # noqa: E402
 
 BACKEND = "naive"
 STEPS = 4096
@@ -270,7 +271,7 @@ HAND_MADE = [
 def test_sampling_rule_hand_made(case):
     logits, u, temperature, top_k, top_p, expected = case
     x = torch.tensor([logits])
-    token, logprob = sample(x, torch.tensor([u], dtype=torch.float64), temperature, top_k, top_p)
+    token, logprob = engine_sample(x, torch.tensor([u], dtype=torch.float64), temperature, top_k, top_p)
     ref_token, ref_logprob = sample_rule(logits, u, temperature, top_k, top_p)
     assert int(token) == ref_token == expected
     assert float(logprob) == ref_logprob  # the same float64 operations in the same order
@@ -288,7 +289,7 @@ def test_sampling_rule_random_logits(settings):
         logits = torch.randn(200, V, generator=gen) * 3
         logits[:20, :3] = logits[:20, 3:6]  # some exact ties
         u = torch.rand(200, generator=gen, dtype=torch.float64)
-        tokens, logprobs = sample(logits, u, temperature, top_k, top_p)
+        tokens, logprobs = engine_sample(logits, u, temperature, top_k, top_p)
         for b in range(logits.shape[0]):
             ref_token, ref_logprob = sample_rule(logits[b].tolist(), float(u[b]), temperature, top_k, top_p)
             assert int(tokens[b]) == ref_token and float(logprobs[b]) == ref_logprob

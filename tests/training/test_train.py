@@ -21,9 +21,11 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from sashimi import WaveformAR
 from sashimi.cli import main
+from sashimi.training import loop
+from sashimi.training.checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint, model_from_checkpoint
 from sashimi.training.evaluate import evaluate
-from sashimi.training.loop import (CHECKPOINT_FORMAT, CheckpointError, NonFiniteLossError, TrainConfig, load_checkpoint,
-                           train)
+from sashimi.training.loop import NonFiniteLossError, TrainConfig, train
+from sashimi.training.runtime import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Measured: the `learned_run` below reaches 5.28 bits/sample (seed 0; deterministic on CPU); uniform is 8.
@@ -89,6 +91,28 @@ def child_pids(pid: int) -> list[int]:
 def torchrun_cmd(cfg: TrainConfig, nproc: int = 2) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
             "-m", "sashimi", "train", *cli_args(cfg)]
+
+
+def poison_steps(monkeypatch, steps) -> None:
+    """Make the loss and metrics NaN at these (0-based) training steps, as a diverging run would."""
+    original = loop.train_step
+
+    def train_step(run, batch):
+        if run.position.step not in steps:
+            return original(run, batch)
+        objective = run.step_module.objective
+
+        def nan_loss(model, part):
+            loss_sum, count, metrics = objective.fn(model, part)
+            return loss_sum * float("nan"), count, {k: v * float("nan") for k, v in metrics.items()}
+
+        run.step_module.objective = dataclasses.replace(objective, fn=nan_loss)
+        try:
+            return original(run, batch)
+        finally:
+            run.step_module.objective = objective
+
+    monkeypatch.setattr(loop, "train_step", train_step)
 
 
 def assert_finite_weights(state: dict) -> None:
@@ -174,8 +198,7 @@ def test_evaluate_covers_the_whole_split_without_padding(learned_run, tmp_path):
     import soundfile as sf
 
     from sashimi.data.datasets import make_dataset
-    from sashimi.models.autoregressive import nll_bits
-    from sashimi.training.loop import model_from_checkpoint
+    from sashimi.objectives.autoregressive import nll_bits, shift_right
 
     out, _, _ = learned_run
     rng = np.random.default_rng(0)
@@ -194,7 +217,8 @@ def test_evaluate_covers_the_whole_split_without_padding(learned_run, tmp_path):
     with torch.no_grad():
         for i in range(len(dataset)):
             item = dataset[i]
-            total += float(nll_bits(model(item["x"][None]), item["y"][None], item["mask"][None])[0])
+            tokens = item["tokens"][None]
+            total += float(nll_bits(model(shift_right(tokens, 128)), tokens, item["mask"][None])[0])
     assert result["nll_bits_per_sample"] == pytest.approx(total / result["n_samples"], rel=1e-5)
 
 
@@ -258,11 +282,43 @@ def test_mismatched_or_foreign_checkpoints_give_clear_errors(tmp_path, capsys):
         evaluate(str(tmp_path / "missing.pt"), "builtin", progress=False)
 
 
+# --------------------------------------------------------------------------------------------- time budget
+
+
+def test_durations():
+    assert [loop.parse_duration(t) for t in (90, "90", "90s", "30m", "2h", "1.5h", " 45 S")] == \
+        [90, 90, 90, 1800, 7200, 5400, 45]
+    for bad in ("", "3d", "-5m", "0", "m", "1e3"):
+        with pytest.raises(ValueError, match="max_time"):
+            loop.parse_duration(bad)
+    with pytest.raises(ValueError, match="max_time"):
+        small("unused", max_time="soon").check()
+
+
+def test_max_time_stops_within_the_budget_with_the_schedule_decayed(tmp_path):
+    """The run stops so that the final validation and checkpoint fit: its last step ends within the
+    budget plus one step; the learning rate has decayed over the budget, down to ~min_lr_ratio * lr."""
+    budget = 8.0
+    result = train(small(tmp_path, max_steps=100_000, max_time=f"{budget}s", warmup_steps=3, log_every=1,
+                         val_every=10_000, ckpt_every=10_000))
+    assert result["status"] == "out of time" and result["step"] > 5
+    records = read_metrics(str(tmp_path / "metrics.jsonl"))
+    steps = [r for r in records if "train_bits" in r]
+    assert [r["step"] for r in records if "val_bits" in r] == [result["step"]]  # the final validation
+    assert load_checkpoint(str(tmp_path / "last.pt"))["step"] == result["step"]
+    longest_step = max(b["time"] - a["time"] for a, b in zip(steps, steps[1:]))
+    assert steps[-1]["time"] <= budget + longest_step
+    lrs = [r["lr"] for r in steps]
+    assert max(lrs) == pytest.approx(4e-3, rel=0.1) and lrs[-1] < 0.1 * max(lrs)
+    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))  # decaying after warmup
+
+
 # --------------------------------------------------------------------------------------------- failures
 
 
-def test_nonfinite_steps_are_skipped_and_counted(tmp_path):
-    result = train(small(tmp_path, max_steps=6, debug_nonfinite_steps=(2, 3), max_nonfinite=3, log_every=1))
+def test_nonfinite_steps_are_skipped_and_counted(tmp_path, monkeypatch):
+    poison_steps(monkeypatch, (2, 3))
+    result = train(small(tmp_path, max_steps=6, max_nonfinite=3, log_every=1))
     assert result["status"] == "finished" and result["nonfinite_steps"] == 2
     records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl") if "train_bits" in line]
     assert [r["nonfinite_steps"] for r in records] == [0, 0, 1, 2, 2, 2]
@@ -272,10 +328,10 @@ def test_nonfinite_steps_are_skipped_and_counted(tmp_path):
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
-def test_repeated_nonfinite_steps_stop_with_last_good_checkpoint(tmp_path, capsys):
+def test_repeated_nonfinite_steps_stop_with_last_good_checkpoint(tmp_path, capsys, monkeypatch):
     # steps 0-4 are fine (checkpoints at 2 and 4); from step 5 on every loss is NaN
-    cfg = small(tmp_path, max_steps=30, ckpt_every=2, val_every=100, max_nonfinite=3,
-                debug_nonfinite_steps=tuple(range(5, 30)))
+    poison_steps(monkeypatch, range(5, 30))
+    cfg = small(tmp_path, max_steps=30, ckpt_every=2, val_every=100, max_nonfinite=3)
     with pytest.raises(NonFiniteLossError, match="3 consecutive steps.*last good checkpoint"):
         train(cfg)
     state = load_checkpoint(str(tmp_path / "last.pt"))
@@ -384,15 +440,16 @@ def test_checkpointing_modes_give_the_same_update(tmp_path, capsys):
     assert_same_first_update(tmp_path, checkpointing="on")
     train(small(tmp_path / "auto", max_steps=1, batch_size=4))
     assert "gradient checkpointing off (auto" in capsys.readouterr().out
-    from sashimi.models.autoregressive import get_config
+    from sashimi.models.autoregressive import activation_bytes, get_config
     from sashimi.training.loop import checkpointing_decision
 
-    sc09 = get_config("sc09")
+    sc09 = lambda batch: activation_bytes(get_config("sc09"), batch)  # noqa: E731
     assert checkpointing_decision(TrainConfig(preset="sc09", batch_size=8), sc09, 8)[0]  # ~5.5 GB
     assert not checkpointing_decision(TrainConfig(preset="sc09", batch_size=8, micro_batch=1), sc09, 8)[0]
     assert not checkpointing_decision(TrainConfig(preset="sc09", batch_size=1), sc09, 1)[0]
     assert checkpointing_decision(TrainConfig(preset="sc09", batch_size=1, checkpointing="on"), sc09, 1)[0]
     assert not checkpointing_decision(TrainConfig(preset="sc09", batch_size=8, checkpointing="off"), sc09, 8)[0]
+    assert not checkpointing_decision(TrainConfig(preset="sc09", batch_size=8), None, 8)[0]  # no estimate: off
     with pytest.raises(ValueError, match="checkpointing must be"):
         small(tmp_path / "bad", checkpointing="yes").check()
 
