@@ -71,6 +71,12 @@ def _fast_step():
     return fast_step
 
 
+def _engine() -> "native_build.Module":
+    """The fused step engine's recipe, as its module declares it."""
+    _fast_step()
+    return next(m for m in native_build.declared_modules() if m.name == "sashimi_step_cpu")
+
+
 def _env(cache: Path, compiler: str | None = None, **extra) -> dict:
     env = dict(os.environ, S4LIB_CACHE=str(cache), S4LIB_BACKEND="auto",
                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), **extra)
@@ -134,14 +140,14 @@ def test_build_flags_come_from_one_function_and_name_no_cxx_standard(monkeypatch
     monkeypatch.setattr(native_build, "_cpp_extension", lambda: FakeCppExtension)
     monkeypatch.setattr(native_build, "ninja_found", lambda: True)
     monkeypatch.setenv("S4LIB_CACHE", str(tmp_path / "cache"))
-    fast_step = _fast_step()
+    engine = _engine()
     with pytest.raises(native_build.NativeBuildError):
         native_build.load()
     with pytest.raises(native_build.NativeBuildError):
-        native_build.load_module(fast_step._NAME, fast_step._SOURCES, fast_step._EXTRA_CFLAGS)
-    assert [c["name"] for c in calls] == [native_build.KERNELS, fast_step._NAME]
+        native_build.load_module(engine.name, engine.sources, engine.extra_cflags)
+    assert [c["name"] for c in calls] == [native_build.KERNELS, engine.name]
     assert calls[0]["extra_cflags"] == list(native_build.build_flags())
-    assert calls[1]["extra_cflags"] == list(native_build.build_flags(fast_step._EXTRA_CFLAGS))
+    assert calls[1]["extra_cflags"] == list(native_build.build_flags(engine.extra_cflags))
     assert all(c["extra_ldflags"] == list(native_build.link_flags()) for c in calls)
 
 
@@ -228,7 +234,7 @@ def test_info_reports_not_tried_failed_and_built(tmp_path, failing_compiler, cap
     if shutil.which("c++") is not None:  # not tried yet: a fresh cache
         out = _info(_env(tmp_path / "fresh"))
         assert "not tried yet" in _module_line(out, "native C++ kernels"), out
-        assert "not tried yet" in _module_line(out, "fused step engine"), out
+        assert "not tried yet" in _module_line(out, _engine().label), out
 
     cache = tmp_path / "cache"  # failed: the reason and the log's path; --verbose prints the log
     _report(_env(cache, str(script)))
@@ -237,7 +243,7 @@ def test_info_reports_not_tried_failed_and_built(tmp_path, failing_compiler, cap
     assert "FAILED" in line and "this compiler always fails" in line, out
     log = re.search(r"log: (\S+build\.log)", out).group(1)
     assert os.path.isfile(log) and log.startswith(str(cache))
-    assert "not tried yet" in _module_line(out, "fused step engine")
+    assert "not tried yet" in _module_line(out, _engine().label)
     verbose = _info(_env(cache, str(script)), "--verbose")
     assert verbose.count("error: this compiler always fails") >= 1 and "-----" in verbose
 
@@ -250,7 +256,7 @@ def test_info_reports_not_tried_failed_and_built(tmp_path, failing_compiler, cap
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "built, loads" in _module_line(out, "native C++ kernels"), out
-    assert "built, loads" in _module_line(out, "fused step engine"), out
+    assert "built, loads" in _module_line(out, _engine().label), out
     assert "native" in out and "chunked" in out
 
 
@@ -435,7 +441,7 @@ def test_fused_engine_fallback_is_one_line_everywhere(tmp_path, failing_compiler
     report = json.loads(out.stdout.strip().splitlines()[-1])
     reason = report["reason"]
     assert report["path"] == "eager"
-    assert reason.startswith("fused step engine build failed: this compiler always fails"), reason
+    assert f"{_engine().label} build failed: this compiler always fails" in reason, reason
     assert reason.endswith(native_build.LOG_COMMAND) and "\n" not in reason and len(reason) < 160
     assert report["warnings"] == [f"sashimi: using the eager step loop: {reason}"]
     assert json.loads(report["json"])["settings"]["fast_path_unavailable_reason"] == reason
