@@ -38,7 +38,7 @@ def load_engine():
     try:
         ext = native_build.load_module(_NAME, _SOURCES, extra_cflags=s4_fused.extra_cflags(_HEADERS))
     except RuntimeError as e:
-        raise FastPathUnavailable(f"fused step engine unavailable: {e}") from e
+        raise FastPathUnavailable(str(e)) from e
     if ext.VECTOR != _VECTOR:
         raise FastPathUnavailable(f"engine vector width {ext.VECTOR} != {_VECTOR} (stale build?)")
     return ext
