@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .fftconv import DropoutNd, FFTConv, activation_module, check_input
+from . import fused_step
+from .fftconv import DropoutNd, FFTConv, activation_module, check_input, check_step_args
 
 
 def linear_activation(d_input: int, d_output: int, activation: str | None = None) -> nn.Module:
@@ -21,6 +22,20 @@ def linear_activation(d_input: int, d_output: int, activation: str | None = None
     if activation is None:
         return nn.Linear(d_input, d_output)
     return nn.Sequential(nn.Linear(d_input, d_output), activation_module(activation))
+
+
+def check_lengths(lengths, batch: int, length: int, device) -> torch.Tensor:
+    """`lengths` as a (batch,) integer tensor with values in [0, length]; ValueError/TypeError otherwise."""
+    t = torch.as_tensor(lengths, device=device)
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"lengths must be integers (one per sequence), got dtype {t.dtype}")
+    t = t.reshape(-1)
+    if t.numel() != batch:
+        raise ValueError(f"lengths must give one length per sequence: {batch} expected, got {t.numel()}")
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) > length):
+        raise ValueError(f"lengths must be in [0, {length}] (the input length), got values in "
+                         f"[{int(t.min())}, {int(t.max())}]")
+    return t
 
 
 class S4Block(nn.Module):
@@ -50,6 +65,7 @@ class S4Block(nn.Module):
         self.drop = DropoutNd(dropout) if (tie_dropout and dropout > 0) else (nn.Dropout(dropout) if dropout > 0 else nn.Identity())
         d_inner_out = inner * gate if gate is not None else self.layer.d_output
         self.output_linear = nn.Identity() if final_act is None else linear_activation(d_inner_out, d_model, final_act)
+        self.step_backend = "auto"  # 'auto' | 'eager' | 'fused': see s4lib.fused_step
 
     @property
     def d_output(self) -> int:
@@ -73,7 +89,7 @@ class S4Block(nn.Module):
             x = x.transpose(-1, -2)  # (B, L, H)
         L = x.shape[1]
         if lengths is not None:  # zero the padding after each sequence's length
-            lengths = torch.as_tensor(lengths, device=x.device).reshape(-1)
+            lengths = check_lengths(lengths, x.shape[0], L, x.device)
             mask = torch.arange(L, device=x.device)[None, :] < lengths[:, None]
             x = x * mask.unsqueeze(-1).to(x.dtype)
         u = self.input_linear(x) if self.bottleneck is not None else x
@@ -90,9 +106,16 @@ class S4Block(nn.Module):
         return self.layer.default_state(*batch_shape, device=device)
 
     def step(self, x: torch.Tensor, state: torch.Tensor):
-        """x (B, H) -> y (B, H), next state."""
-        if x.dim() != 2 or x.shape[-1] != self.d_model:
-            raise ValueError(f"step input must have shape (batch, d_model={self.d_model}), got {tuple(x.shape)}")
+        """x (B, H) -> y (B, H), next state.
+
+        The whole block runs as one fused native step when it applies (s4lib.fused_step), else its
+        FFTConv steps fused or eager and the output stage runs eagerly; the state format is shared.
+        """
+        check_step_args(x, state, self.d_model, self.layer.kernel)
+        if self.step_backend != "eager" and not torch.compiler.is_compiling():
+            out = fused_step.block_step(self, x, state)
+            if out is not None:
+                return out
         u = self.input_linear(x) if self.bottleneck is not None else x
         y, state = self.layer.step(u, state)
         return self._features(x, y), state

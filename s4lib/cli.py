@@ -30,7 +30,7 @@ def _cpu_model() -> str:
 # Python modules that declare native modules of their own (native_build.declare) when imported: a
 # module that builds a C++ extension through native_build.load_module is listed here, so that
 # `s4lib info` and `s4lib build-kernels` know it before its first use.
-NATIVE_MODULE_PROVIDERS = ("sashimi.pipelines.fast_step",)
+NATIVE_MODULE_PROVIDERS = ("s4lib.fused_step", "sashimi.nn.fused_backbone")
 
 
 def _native_modules():

@@ -7,11 +7,15 @@ transposed=True, dropout=0.0, mode='dplr'|'diag', **kernel_args).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .ssm import SSMKernelDiag, SSMKernelDPLR
+from . import fused_step
+from .ssm_diag import SSMKernelDiag
+from .ssm_dplr import SSMKernelDPLR
 
 KERNELS = {"dplr": SSMKernelDPLR, "s4": SSMKernelDPLR, "nplr": SSMKernelDPLR,
            "diag": SSMKernelDiag, "s4d": SSMKernelDiag}
@@ -155,6 +159,8 @@ def fft_conv(u: torch.Tensor, K: torch.Tensor, n: int, D: torch.Tensor | None = 
     dtype = torch.promote_types(torch.promote_types(u.dtype, K.dtype), torch.float32)
     u, K = u.to(dtype), K.to(dtype)
     D = D.to(dtype) if D is not None else None
+    if u.shape[0] == 0:  # an empty batch: an empty (0, C, H, L) result, still connected to K and D for autograd
+        return u.unsqueeze(1) * (K[..., :1] + (D.unsqueeze(-1) if D is not None else 0))
     return _FFTConv.apply(u, K, D, n)
 
 
@@ -172,6 +178,24 @@ def check_input(x: torch.Tensor, d_model: int, transposed: bool, name: str = "x"
                          f"(channel axis has {H}, expected {d_model}; transposed={transposed})")
     if x.shape[-1 if transposed else 1] < 1:
         raise ValueError(f"{name} must have length >= 1, got shape {tuple(x.shape)}")
+
+
+# d_state above this warns: building an S4 (DPLR) kernel costs O(N^3) (N=1024: ~5 s per layer on one core,
+# N=4096: minutes), and the kernel O(H N L) per forward
+D_STATE_WARN = 512
+
+
+def check_step_args(x: torch.Tensor, state, d_model: int, kernel) -> None:
+    """step(x, state) arguments: x (B, d_model) floating point, state as made by default_state(B)."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"step input must be a floating-point tensor of shape (batch, d_model={d_model}), "
+                        f"got {getattr(x, 'dtype', type(x).__name__)}")
+    if x.dim() != 2 or x.shape[-1] != d_model:
+        raise ValueError(f"step input must have shape (batch, d_model={d_model}), got {tuple(x.shape)}")
+    if state is None:
+        raise TypeError(f"step needs a state: start from default_state({x.shape[0]}) (shape "
+                        f"({x.shape[0]}, {kernel.H}, {kernel.n}) complex), then pass the state step returned")
+    kernel._check_state(state, (x.shape[0],))
 
 
 class FFTConv(nn.Module):
@@ -199,6 +223,11 @@ class FFTConv(nn.Module):
         self.activation = activation_module(activation, dim=1 if transposed else -1)
         if activation == "glu" and channels % 2:
             raise ValueError("activation='glu' halves the channels: use an even number of channels")
+        d_state = kernel_args.get("d_state", 64)
+        if isinstance(d_state, int) and d_state > D_STATE_WARN:
+            warnings.warn(f"d_state={d_state} is above {D_STATE_WARN}: building each S4 layer costs O(d_state^3) "
+                          f"(d_state=1024 takes seconds per layer, 4096 minutes) and every forward "
+                          f"O(d_model * d_state * length)", stacklevel=3)
         self.D = nn.Parameter(torch.randn(channels, d_model))
         kernel_channels = 2 * channels if bidirectional else channels
         if KERNELS[mode] is SSMKernelDPLR:
@@ -206,6 +235,7 @@ class FFTConv(nn.Module):
         self.kernel = KERNELS[mode](d_model, channels=kernel_channels, **kernel_args)
         dropout_cls = DropoutNd if tie_dropout else nn.Dropout
         self.drop = dropout_cls(dropout) if dropout > 0 else nn.Identity()
+        self.step_backend = "auto"  # 'auto' | 'eager' | 'fused': see s4lib.fused_step
 
     @property
     def d_output(self) -> int:
@@ -253,11 +283,18 @@ class FFTConv(nn.Module):
         return self.kernel.default_state(*batch_shape, device=device)
 
     def step(self, x: torch.Tensor, state: torch.Tensor):
-        """x (B, H) -> y (B, channels*H), next state."""
+        """x (B, H) -> y (B, channels*H), next state.
+
+        Runs the fused native step when it applies (s4lib.fused_step: CPU float32, no autograd
+        graph, a supported configuration), else this eager step; both read and write the same state.
+        """
+        if self.step_backend != "eager" and not torch.compiler.is_compiling():
+            out = fused_step.fftconv_step(self, x, state)
+            if out is not None:
+                return out
         if not hasattr(self.kernel, "_step"):
             raise RuntimeError("call setup_step() before step()")
-        if x.dim() != 2 or x.shape[-1] != self.d_model:
-            raise ValueError(f"step input must have shape (batch, d_model={self.d_model}), got {tuple(x.shape)}")
+        check_step_args(x, state, self.d_model, self.kernel)
         y, state = self.kernel.step(x, state)  # (B, C, H)
         y = y + x.unsqueeze(1) * self.D
         y = y.reshape(x.shape[0], -1)

@@ -54,24 +54,52 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                             metavar=f.name.upper())
 
 
+def _os_message(e: BaseException) -> str:
+    """One line for an error; an OSError names its file (if it has one) and its reason without '[Errno n]'."""
+    if isinstance(e, OSError) and e.strerror:
+        where = f"{e.filename}: " if e.filename else ""
+        return where + e.strerror.strip().splitlines()[0]
+    return _one_line(e)
+
+
+def _saved_train_config(out: str) -> dict:
+    """The training settings a run directory's config.json recorded ({} if there is none), minus the one-off
+    flags (resume, overwrite); ValueError naming the file when it cannot be read."""
+    path = os.path.join(out, "config.json")
+    if not os.path.exists(path):
+        return {}
+    problem = None
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except OSError as e:
+        problem = e.strerror or type(e).__name__
+    except ValueError as e:  # empty, truncated or not JSON
+        problem = f"not valid JSON: {str(e).splitlines()[0]}"
+    else:
+        base = saved.get("train") if isinstance(saved, dict) else None
+        if not isinstance(base, dict):
+            problem = "no 'train' settings in it"
+    if problem is not None:
+        raise ValueError(f"cannot read the run's settings from {path} ({problem}); restore or remove that file "
+                         f"(resuming then uses only the flags given, so give every flag of the run)")
+    return {k: v for k, v in base.items() if k not in ("resume", "overwrite")}
+
+
 def run_train(args: argparse.Namespace) -> int:
     from .training.checkpoint import CheckpointError
     from .training.loop import NonFiniteLossError, TrainConfig, train
 
     given = {k: v for k, v in vars(args).items() if k not in ("command", "func")}
     # --resume starts from the run's saved configuration; flags given now override it
-    base = {}
-    saved = os.path.join(given.get("out", TrainConfig.out), "config.json")
-    if given.get("resume") and os.path.exists(saved):
-        with open(saved) as f:
-            base = json.load(f)["train"]
     try:
+        base = _saved_train_config(given.get("out", TrainConfig.out)) if given.get("resume") else {}
         cfg = TrainConfig.from_dict({**base, **given})
         result = train(cfg)
-    except (ValueError, FileExistsError, FileNotFoundError, NonFiniteLossError) as e:
-        # user-caused problems (flags, data, checkpoints, divergence): a message, not a traceback
+    except (ValueError, OSError, NonFiniteLossError) as e:
+        # user-caused problems (flags, data, checkpoints, files, divergence): one line, not a traceback
         kind = "error" if not isinstance(e, CheckpointError) else "checkpoint error"
-        print(f"sashimi train: {kind}: {e}", file=sys.stderr)
+        print(f"sashimi train: {kind}: {_os_message(e)}", file=sys.stderr)
         return 1
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
         return 0
@@ -103,12 +131,16 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     from .training.evaluate import evaluate
 
+    from .training.rundir import check_output_file
+
     try:
+        if args.json is not None:  # before the evaluation, not after it
+            check_output_file(args.json, "--json")
         evaluate(args.ckpt, args.data, split=args.split, batch_size=args.batch_size, json_path=args.json,
                  use_ema=args.use_ema, preset=args.preset, n_items=args.n_items, num_workers=args.num_workers,
                  progress=args.progress)
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
-        print(f"sashimi eval: error: {e}", file=sys.stderr)
+    except (ValueError, OSError, FloatingPointError) as e:
+        print(f"sashimi eval: error: {_os_message(e)}", file=sys.stderr)
         return 1
     return 0
 
@@ -126,6 +158,10 @@ def _print_generation(result, paths) -> None:
           f"{result.sample_rate} Hz) to {os.path.dirname(paths['index'])}")
     print(f"speed: {result.samples_per_second:,.0f} samples/s = {result.real_time_factor:.3f}x real time "
           f"({result.path} path); generated samples: {float(result.bits_per_sample.mean()):.3f} bits/sample (mean NLL)")
+    if paths.get("scores") is not None:
+        from .metrics.cli import format_scores
+
+        print(format_scores(paths["scores"]))
     print(f"listening page: {paths['index']}")
 
 
@@ -144,6 +180,12 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-fast", dest="fast", action="store_false", help="use the eager step loop (the oracle)")
     parser.add_argument("--no-ema", dest="use_ema", action="store_false", help="use the raw weights, not the EMA")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
+    parser.add_argument("--score", default=None, metavar="CLS",
+                        help="score the samples with this evaluation classifier (sashimi metrics train-classifier): "
+                             "FID, IS, ... in samples.json and on the page")
+    parser.add_argument("--score-real", default=None, metavar="DIR",
+                        help="real audio to score against: a folder or 'builtin' (default: the run's data)")
+    parser.add_argument("--real-clips", type=int, default=4, help="real clips shown on the page with --score (default: 4)")
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -163,7 +205,8 @@ def run_generate(args: argparse.Namespace) -> int:
         result, paths = generate_from_checkpoint(
             args.ckpt, args.out, n=args.n, seconds=args.seconds, temperature=args.temperature, top_k=args.top_k,
             top_p=args.top_p, prefix=args.prefix, batch_size=args.batch_size, seed=args.seed, fast=args.fast,
-            use_ema=args.use_ema, progress=args.progress)
+            use_ema=args.use_ema, progress=args.progress, score=args.score, score_real=args.score_real,
+            real_clips=args.real_clips)
     except (ValueError, OSError) as e:  # flags, checkpoints (CheckpointError), audio files (AudioError), output
         print(f"sashimi generate: error: {_one_line(e)}", file=sys.stderr)
         return 1
@@ -207,9 +250,12 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", metavar="DIR",
                         help="demo folder: DIR/run (training run), DIR/samples (listening page) (default: runs/demo)")
     parser.add_argument("--minutes", type=float, default=4.0, help="training time budget in minutes (default: 4)")
-    parser.add_argument("--n", type=int, default=4, help="samples to generate (default: 4)")
+    parser.add_argument("--n", type=int, default=32, help="samples to generate and score (default: 32)")
     parser.add_argument("--seconds", type=float, default=1.0, help="length of each sample (default: 1)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--classifier", default=None, metavar="CLS",
+                        help="evaluation classifier for the scores (default: DIR/classifier, trained first if missing)")
+    parser.add_argument("--no-score", dest="score", action="store_false", help="skip the sample-quality scores")
     parser.add_argument("--no-fast", dest="fast", action="store_false", help="generate with the eager step loop")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
 
@@ -220,7 +266,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     try:
         done = demo(args.out, minutes=args.minutes, n=args.n, seconds=args.seconds, seed=args.seed, fast=args.fast,
-                    progress=args.progress)
+                    progress=args.progress, score=args.score, classifier=args.classifier)
     except (ValueError, OSError, NonFiniteLossError) as e:
         print(f"sashimi demo: error: {_one_line(e)}", file=sys.stderr)
         return 1
@@ -229,6 +275,9 @@ def run_demo(args: argparse.Namespace) -> int:
     if done["val_bits"] is not None:
         print(f"validation: {done['val_bits']:.3f} bits/sample; test ({DEMO_TEST_CLIPS} clips): "
               f"{done['test']['nll_bits_per_sample']:.3f} bits/sample (8 bits = no better than uniform)")
+        sample_bits = float(done["result"].bits_per_sample.mean())
+        print(f"generated samples: {sample_bits:.3f} bits/sample under the model, "
+              f"{sample_bits - done['test']['nll_bits_per_sample']:+.3f} from the test NLL")
     _print_generation(done["result"], done["paths"])
     return 0
 
@@ -259,6 +308,13 @@ def run_export(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- entry point
 
+
+def _metrics_cli():
+    from .metrics import cli
+
+    return cli
+
+
 COMMANDS = {
     "train": (add_train_arguments, run_train, "train a model (or --resume a run); torchrun for many processes"),
     "eval": (add_eval_arguments, run_eval, "NLL in bits/sample of a checkpoint over a data split"),
@@ -267,7 +323,12 @@ COMMANDS = {
     "export": (add_export_arguments, run_export, "write a checkpoint as a shareable model folder "
                "(config.json + model.safetensors; EMA weights when present)"),
     "demo": (add_demo_arguments, run_demo, "train the tiny model for a few minutes, then generate a listening page"),
+    "metrics": (lambda p: _metrics_cli().add_arguments(p), lambda a: _metrics_cli().run(a),
+                "sample-quality metrics: train the evaluation classifier, score generated audio"),
 }
+from .cli_flows import COMMANDS as _FLOW_COMMANDS  # noqa: E402  (argument parsers only; torch loads on use)
+
+COMMANDS.update(_FLOW_COMMANDS)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,10 +24,12 @@ from .training.evaluate import evaluate
 from .training.loop import TrainConfig, train
 from .training.runtime import read_metrics
 
-__all__ = ["DEMO_TRAIN", "DEMO_TEST_CLIPS", "run_demo"]
+__all__ = ["DEMO_TRAIN", "DEMO_TEST_CLIPS", "DEMO_SAMPLING", "run_demo"]
 
 DEMO_TRAIN = dict(data="builtin", preset="tiny", sample_len=1024, batch_size=8, n_val_items=16, lr=4e-3)
 DEMO_TEST_CLIPS = 16  # test clips evaluated after training
+DEMO_SAMPLING = dict(temperature=1.0, top_p=0.95)  # chosen by sample-quality scores (docs/metrics.md)
+DEMO_CLASSIFIER = dict(n_train=1500, epochs=4)  # a quick evaluation classifier for the scores (docs/metrics.md)
 MAX_STEPS = 20_000
 
 
@@ -58,15 +60,31 @@ def _last_val(run_dir: str):
     return values[-1] if values else None
 
 
-def run_demo(out: str = "runs/demo", minutes: float = 4.0, n: int = 4, seconds: float = 1.0, seed: int = 0,
-             fast: bool = True, progress: bool = True) -> dict:
-    """Train (unless out/run holds a trained model), evaluate, generate; returns what was done.
+def demo_classifier(out: str, classifier: str | None = None, seed: int = 0) -> str:
+    """The evaluation classifier folder for the scores: `classifier`, or out/classifier (trained now if missing)."""
+    from .metrics.classifier import CONFIG_FILE
+    from .metrics.training import train_classifier
 
-    {"val_bits", "test", "steps", "result", "paths", "minutes"}. Raises ValueError on bad settings.
+    folder = classifier or os.path.join(out, "classifier")
+    if not os.path.isfile(os.path.join(folder, CONFIG_FILE)):
+        if classifier:
+            raise ValueError(f"--classifier {folder}: not an evaluation classifier folder (no {CONFIG_FILE})")
+        print(f"sashimi demo: training the evaluation classifier for the scores ({DEMO_CLASSIFIER['n_train']} "
+              f"builtin clips, {DEMO_CLASSIFIER['epochs']} epochs) into {folder}")
+        train_classifier("builtin", folder, seed=seed, **DEMO_CLASSIFIER)
+    return folder
+
+
+def run_demo(out: str = "runs/demo", minutes: float = 4.0, n: int = 32, seconds: float = 1.0, seed: int = 0,
+             fast: bool = True, progress: bool = True, score: bool = True, classifier: str | None = None) -> dict:
+    """Train (unless out/run holds a trained model), evaluate, generate, score; returns what was done.
+
+    {"val_bits", "test", "steps", "result", "paths", "minutes"}; paths["scores"] holds the
+    sample-quality scores (None with score=False). Raises ValueError on bad settings.
     """
     t_start = time.time()
     check_number("minutes", minutes, 0, low_open=True)
-    check_generation(n, seconds, 1.0, 0, 1.0, n, seed)
+    check_generation(n, seconds, DEMO_SAMPLING["temperature"], 0, DEMO_SAMPLING["top_p"], n, seed)
     run_dir, samples_dir = os.path.join(out, "run"), os.path.join(out, "samples")
     steps = None
     if os.path.exists(os.path.join(run_dir, LAST_CHECKPOINT)):
@@ -93,8 +111,10 @@ def run_demo(out: str = "runs/demo", minutes: float = 4.0, n: int = 4, seconds: 
     info = {"training_steps": steps, "training_minutes": round((t_trained - t_start) / 60, 2),
             "val_bits_per_sample": val_bits, "test_bits_per_sample": test["nll_bits_per_sample"],
             "data": "builtin (synthetic)"}
-    result, paths = generate_from_checkpoint(run_dir, samples_dir, n=n, seconds=seconds, batch_size=n, seed=seed,
-                                             fast=fast, progress=progress, info=info,
-                                             title="sashimi demo: tiny model on builtin data")
+    classifier = demo_classifier(out, classifier, seed) if score else None
+    result, paths = generate_from_checkpoint(run_dir, samples_dir, n=n, seconds=seconds, batch_size=min(n, 32),
+                                             seed=seed, fast=fast, progress=progress, info=info,
+                                             title="sashimi demo: tiny model on builtin data", score=classifier,
+                                             score_real="builtin", real_clips=4, **DEMO_SAMPLING)
     return {"val_bits": val_bits, "test": test, "steps": steps, "result": result, "paths": paths,
             "minutes": (time.time() - t_start) / 60}

@@ -129,9 +129,17 @@ def _cpp_extension():
 
 
 def ninja_found() -> bool:
-    """Is ninja on PATH (as torch.utils.cpp_extension looks for it)? Checked without importing that module,
-    which takes half a second (setuptools): a process that falls back after a recorded failure never needs it."""
-    return shutil.which("ninja") is not None
+    """Is ninja on PATH, where torch.utils.cpp_extension runs it from? Checked without importing that
+    module, which takes half a second (setuptools): a process that falls back after a recorded failure
+    never needs it. A ninja installed beside this Python (a venv's bin/, used without activating the
+    venv) is put on PATH."""
+    if shutil.which("ninja") is not None:
+        return True
+    beside = Path(sys.executable).parent
+    if shutil.which("ninja", path=str(beside)) is None:
+        return False
+    os.environ["PATH"] = str(beside) + os.pathsep + os.environ.get("PATH", "")
+    return True
 
 
 def _problem(module: Module) -> str | None:

@@ -19,8 +19,9 @@ import hashlib
 import logging
 import os
 import re
+import stat
 import warnings
-from collections import Counter
+from collections import Counter, deque
 
 import numpy as np
 import torch
@@ -31,7 +32,8 @@ from .audio import AUDIO_EXTENSIONS, AudioError, load_audio, probe_audio, resamp
 from .builtin_synth import BUILTIN_CLASSES, BUILTIN_TIMBRES, MOTIFS, synthesize_clip
 from .quantize import Quantizer
 
-__all__ = ["AudioFolderDataset", "BuiltinDataset", "make_dataset", "dataset_for", "BadAudioWarning", "SPLITS"]
+__all__ = ["AudioFolderDataset", "BuiltinDataset", "make_dataset", "dataset_for", "BadAudioWarning", "LinkWarning",
+           "SPLITS"]
 
 logger = logging.getLogger(__name__)
 
@@ -83,15 +85,76 @@ class _ItemMaker:
 # A folder of audio files
 # ----------------------------------------------------------------------------------------------
 
+MAX_FOLDER_DEPTH = 32  # file discovery descends at most this many folders below root
+
+
+class LinkWarning(UserWarning):
+    """File discovery skipped symbolic links: loops, second paths to a file already indexed, dangling links."""
+
+
 def _find_audio_files(root: str) -> list[str]:
-    """Relative POSIX paths of .wav/.flac/.ogg files under root (any case), sorted; hidden entries skipped."""
-    found = []
-    for folder, dirs, names in os.walk(root, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "_background_noise_")
-        for name in names:
-            if not name.startswith(".") and name.lower().endswith(AUDIO_EXTENSIONS):
-                found.append(os.path.relpath(os.path.join(folder, name), root).replace(os.sep, "/"))
-    return sorted(found)
+    """Relative POSIX paths of .wav/.flac/.ogg files under root (any case), sorted; hidden entries skipped.
+
+    Symbolic links are followed, but each real folder is walked once and each real file (by device
+    and inode) is indexed once, under its own name rather than a link's, then its shortest path: a link loop
+    or a second link to the same file can neither hang the walk nor put one file in two splits.
+    The walk stops MAX_FOLDER_DEPTH folders below root. Links and folders skipped are summarised
+    in one LinkWarning.
+    """
+    by_file: dict[tuple[int, int], tuple] = {}  # (device, inode) -> (is a link, depth, path)
+    skipped: list[tuple[str, str]] = []  # (relative path, why)
+    seen_dirs: set[tuple[int, int]] = set()
+    rel = lambda path: os.path.relpath(path, root).replace(os.sep, "/")  # noqa: E731
+    queue = deque([(root, 0)])  # breadth first: a folder reached by two paths is walked under the shorter
+    while queue:
+        folder, depth = queue.popleft()
+        try:
+            st = os.stat(folder)
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as e:
+            skipped.append((rel(folder), f"unreadable ({e.strerror})"))
+            continue
+        if (st.st_dev, st.st_ino) in seen_dirs:
+            skipped.append((rel(folder), "a link to a folder already searched (a loop or a second path)"))
+            continue
+        seen_dirs.add((st.st_dev, st.st_ino))
+        for entry in entries:
+            name = entry.name
+            if name.startswith("."):
+                continue
+            audio = name.lower().endswith(AUDIO_EXTENSIONS)
+            try:
+                is_dir = entry.is_dir()  # follows links
+                info = entry.stat() if audio and not is_dir else None
+            except OSError:
+                skipped.append((rel(entry.path), "a dangling link"))
+                continue
+            if is_dir:
+                if name == "_background_noise_":
+                    continue
+                if depth + 1 > MAX_FOLDER_DEPTH:
+                    skipped.append((rel(entry.path), f"deeper than {MAX_FOLDER_DEPTH} folders below the root"))
+                    continue
+                queue.append((entry.path, depth + 1))
+            elif info is not None and stat.S_ISREG(info.st_mode):
+                # preference: the file itself over a link to it, then the shortest path, then sort order
+                path, key = rel(entry.path), (info.st_dev, info.st_ino)
+                rank = (entry.is_symlink(), path.count("/"), path)
+                kept = by_file.get(key)
+                if kept is None:
+                    by_file[key] = rank
+                else:
+                    first, second = sorted((kept, rank))
+                    by_file[key] = first
+                    skipped.append((second[2], f"the same file as {first[2]}"))
+    if skipped:
+        warnings.warn(f"file discovery under {root!r} skipped {len(skipped)} entries: "
+                      + "; ".join(f"{p}: {why}" for p, why in skipped[:3])
+                      + (f"; ... ({len(skipped) - 3} more at logging level DEBUG)" if len(skipped) > 3 else ""),
+                      LinkWarning, stacklevel=3)
+        for p, why in skipped:
+            logger.debug("file discovery skipped %s: %s", p, why)
+    return sorted(path for _, _, path in by_file.values())
 
 
 def _split_key(relpath: str) -> str:

@@ -89,6 +89,9 @@ class ModelConfig(ConfigMixin):
         except ValueError:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}") from None
         check_int("bits", self.bits, 1, 16)
+        for name in ("prenorm", "unet", "hurwitz"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         check_number("dropout", self.dropout, 0, 1, high_open=True)
         check_number("dt_min", self.dt_min, 0, low_open=True)
         check_number("dt_max", self.dt_max, self.dt_min)

@@ -41,6 +41,12 @@ def _outputs_only(blocks, y: torch.Tensor) -> torch.Tensor:
     return y
 
 
+def _fused_backbone():
+    from . import fused_backbone  # imports this module: loaded on first use
+
+    return fused_backbone
+
+
 class DownPool(nn.Module):
     """(B, L*p, H) -> (B, L, H*expand): fold p consecutive steps into the features, then Linear."""
 
@@ -213,6 +219,10 @@ class SaShiMi(nn.Module):
         self.up_pools = nn.ModuleList(UpPool(self.widths[i + 1], expand, pool[i], causal=self.causal) for i in levels)
         self.up_blocks = nn.ModuleList(blocks(self.widths[i]) for i in levels)
         self.norm = nn.LayerNorm(d_model) if final_norm else nn.Identity()
+        # recurrent step: 'auto' runs the fused engine when it applies (sashimi.nn.fused_backbone),
+        # 'eager' always the module-by-module step (the oracle), 'fused' raises if it cannot run fused
+        self.step_backend = "auto"
+        self._step_generation = 0  # bumped by setup_step(): the fused engine is rebuilt
 
     @property
     def d_output(self) -> int:
@@ -307,6 +317,7 @@ class SaShiMi(nn.Module):
         self._require_causal("setup_step")
         for block in self._stateful_blocks():
             block.layer.setup_step(mode=mode, **kwargs)
+        self._step_generation += 1
 
     def default_state(self, batch_size: int, device=None) -> dict:
         """The state before the first step: a dict of lists (one entry per level / block).
@@ -378,9 +389,15 @@ class SaShiMi(nn.Module):
 
         The state's containers (dict and lists) are updated in place and returned; its tensors
         are never modified in place, so copying the containers (not the tensors) snapshots it.
+        Runs on the fused engine when it applies (CPU float32, no autograd graph, a supported
+        configuration: sashimi.nn.fused_backbone), else block by block; both keep this state format.
         """
         if x.dim() != 2 or x.shape[-1] != self.d_model:
             raise ValueError(f"step input must have shape (batch, d_model={self.d_model}), got {tuple(x.shape)}")
+        if self.step_backend != "eager" and not torch.compiler.is_compiling():
+            out = _fused_backbone().backbone_step(self, x, state)
+            if out is not None:
+                return out
         return self.norm(self._step_level(0, x, state)), state
 
     @staticmethod

@@ -35,13 +35,20 @@ def generate_from_checkpoint(ckpt: str, out: str | None = None, *, n: int = 16, 
                              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, prefix=None,
                              batch_size: int | None = None, seed: int = 0, fast: bool = True, use_ema: bool = True,
                              progress: bool = True, info: dict | None = None, title: str = "sashimi samples",
+                             score: str | None = None, score_real=None, real_clips: int = 4,
                              log=print) -> tuple[GenerationResult, dict]:
     """n samples from a run directory (its best.pt, else last.pt) or checkpoint file; (result, report paths).
 
     out: the folder (default: RUN_DIR/samples). info: extra rows for the page's table. log: where
-    the notes go (what was loaded, a resampled prefix, an unavailable fast path).
+    the notes go (what was loaded, a resampled prefix, an unavailable fast path). score: an
+    evaluation classifier folder (sashimi.metrics): the samples are scored against score_real
+    (default: the run's data) and the page shows the scores and `real_clips` real clips;
+    paths["scores"] holds the scores (None without score).
     """
     check_generation(n, seconds, temperature, top_k, top_p, batch_size, seed)
+    if score is not None and not os.path.isfile(os.path.join(score, "config.json")):
+        raise ValueError(f"--score {score}: not an evaluation classifier folder (no config.json); train one with "
+                         f"`sashimi metrics train-classifier --data DIR|builtin --out DIR`")
     path = resolve_checkpoint(ckpt, prefer=(BEST_CHECKPOINT, LAST_CHECKPOINT))
     state = load_checkpoint(path)
     model = model_from_checkpoint(state, use_ema=use_ema, path=path)
@@ -61,4 +68,14 @@ def generate_from_checkpoint(ckpt: str, out: str | None = None, *, n: int = 16, 
     out = out if out is not None else os.path.join(os.path.dirname(os.path.abspath(path)), "samples")
     info = {"checkpoint": os.path.abspath(path), "step": state.get("step"), "preset": state.get("preset"),
             "ema_weights": bool(use_ema and state.get("ema") is not None), **(info or {})}
-    return result, write_report(out, result, info=info, title=title)
+    info["generated_bits_per_sample"] = float(result.bits_per_sample.mean())  # the samples' NLL under the model
+    if info.get("test_bits_per_sample") is not None:
+        info["nll_gap_bits_per_sample"] = info["generated_bits_per_sample"] - info["test_bits_per_sample"]
+    scores = references = None
+    if score is not None:
+        from ..metrics.score import scores_and_references
+
+        real = score_real or state["train_config"]["data"]
+        scores, references = scores_and_references(score, real, result, n_references=real_clips)
+    paths = write_report(out, result, info=info, title=title, scores=scores, references=references)
+    return result, {**paths, "scores": scores}

@@ -47,8 +47,9 @@ def spectrogram_png(path: str, audio: np.ndarray, sample_rate: int, title: str =
     ax = fig.add_subplot()
     n_fft = 512 if len(audio) >= 2048 else max(16, 2 ** int(math.log2(max(len(audio) // 4, 16))))
     if len(audio) >= n_fft:
+        loud = np.abs(audio).max() > 1e-4  # a silent clip's spectrum lies below -120 dB: let the colours autoscale
         ax.specgram(audio + 1e-9, NFFT=n_fft, Fs=sample_rate, noverlap=n_fft * 3 // 4, cmap="magma",
-                    scale="dB", vmin=-120)
+                    scale="dB", vmin=-120 if loud else None)
     else:  # too short for one frame: show the waveform instead
         ax.plot(np.arange(len(audio)) / sample_rate, audio, lw=0.5)
     if mark_seconds:
@@ -76,12 +77,52 @@ def _fmt(value) -> str:
     return "-" if value is None else str(value)
 
 
+# Sample-quality scores shown on the page (key in sashimi.metrics.score's dict, label, which way is better)
+_SCORE_ROWS = (("fid", "FID (classifier features)", "lower"), ("is", "Inception Score", "higher"),
+               ("mis", "modified Inception Score", "higher"), ("am", "AM score", "lower"),
+               ("ndb", "NDB (differing bins)", "lower"), ("mel_fd", "mel-statistics Fréchet distance", "lower"))
+
+
+def _scores_section(scores: dict) -> str:
+    rows = "".join(
+        f"<tr><th>{label}</th><td>{html.escape(_fmt(scores[key]))}"
+        + (f" / {scores['ndb_bins']}" if key == "ndb" else "")
+        + f"</td><td>{better} is better</td><td>"
+        + (html.escape(_fmt(scores.get("real_" + key))) if scores.get("real_" + key) is not None else "")
+        + "</td></tr>" for key, label, better in _SCORE_ROWS if key in scores)
+    notes = "".join(f"<li>{html.escape(n)}</li>" for n in scores.get("notes", []))
+    return (f"<h2>Sample quality</h2><p>{scores.get('n_fake')} generated clips against {scores.get('n_real')} real "
+            f"clips; evaluation classifier held-out accuracy {_fmt(scores.get('classifier_test_accuracy'))} "
+            f"(docs/metrics.md).</p><table><tr><th>score</th><th>generated</th><th></th><th>real clips</th></tr>"
+            f"{rows}</table>" + (f"<ul class=\"note\">{notes}</ul>" if notes else ""))
+
+
+def _reference_cards(out_dir: str, references: dict) -> tuple[list[str], list[str]]:
+    """real_000.wav/.png for each reference clip; (cards, wav paths)."""
+    cards, wavs = [], []
+    rate = references["sample_rate"]
+    names = references.get("labels") or [None] * len(references["audio"])
+    for i, (audio, label) in enumerate(zip(references["audio"], names)):
+        audio = np.asarray(audio, dtype=np.float32)
+        wav_name, png_name = f"real_{i:03d}.wav", f"real_{i:03d}.png"
+        save_audio(os.path.join(out_dir, wav_name), audio, rate)
+        spectrogram_png(os.path.join(out_dir, png_name), audio, rate, title=f"real clip {i}" + (f": {label}" if label else ""))
+        wavs.append(os.path.join(out_dir, wav_name))
+        cards.append(f'<div class="sample"><h3>{html.escape(wav_name)}' + (f" ({html.escape(label)})" if label else "")
+                     + f'</h3><audio controls preload="none" src="{html.escape(wav_name)}"></audio>'
+                     f'<img src="{html.escape(png_name)}" alt="spectrogram of {html.escape(wav_name)}"></div>')
+    return cards, wavs
+
+
 def write_report(out_dir: str, result, info: dict | None = None, title: str = "sashimi samples",
-                 stem: str = "sample") -> dict:
+                 stem: str = "sample", scores: dict | None = None, references: dict | None = None) -> dict:
     """Write sample_000.wav, sample_000.png, ... , samples.json and index.html for a GenerationResult.
 
     info: extra JSON-able facts shown on the page and stored under "info" in samples.json
-    (checkpoint, validation bits/sample, ...). Returns {"index", "json", "wavs", "pngs"} paths.
+    (checkpoint, validation bits/sample, ...). scores: a `sashimi.metrics.score` dict, shown
+    as a table and stored under "scores". references: {"audio": (R, T), "sample_rate", "labels"}
+    real clips written as real_000.wav ... and shown before the samples. Returns {"index",
+    "json", "wavs", "pngs"} paths.
     """
     os.makedirs(out_dir, exist_ok=True)
     info = dict(info or {})
@@ -107,6 +148,9 @@ def write_report(out_dir: str, result, info: dict | None = None, title: str = "s
             f'<img src="{html.escape(png_name)}" alt="spectrogram of {html.escape(wav_name)}"></div>')
 
     record = {"info": info, **summary}
+    if scores is not None:
+        record["scores"] = scores
+    reference_cards, _ = _reference_cards(out_dir, references) if references else ([], [])
     json_path = os.path.join(out_dir, "samples.json")
     write_json(json_path, record, default=str)
 
@@ -126,7 +170,10 @@ def write_report(out_dir: str, result, info: dict | None = None, title: str = "s
         f"<p>{len(wavs)} samples, {result.audio.shape[1] / rate:.3f} s each at {rate} Hz. "
         f"Generation speed: {html.escape(speed)}.</p>{prompt}"
         + (f"<h2>Run</h2>{_table(info)}" if info else "")
-        + f"<h2>Settings</h2>{_table(settings)}<h2>Samples</h2>{''.join(cards)}"
+        + (_scores_section(scores) if scores is not None else "")
+        + f"<h2>Settings</h2>{_table(settings)}"
+        + (f"<h2>Real clips (the data)</h2>{''.join(reference_cards)}" if reference_cards else "")
+        + f"<h2>Samples</h2>{''.join(cards)}"
         "<p class=\"note\">Per-sample numbers are in samples.json.</p></body></html>\n")
     index_path = os.path.join(out_dir, "index.html")
     atomic_write(index_path, page.encode())

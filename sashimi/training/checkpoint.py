@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from ..files import atomic_write
+from .guard import nonfinite_entries
 from ..models.registry import build_model, resolve_config
 
 __all__ = ["CheckpointError", "CHECKPOINT_FORMAT", "LAST_CHECKPOINT", "BEST_CHECKPOINT", "resolve_checkpoint",
@@ -96,7 +97,16 @@ def write_checkpoint(path: str, *, train_config: dict, model_config: dict, model
         "world_size": world_size,
         "torch_version": str(torch.__version__),
     }
-    atomic_write(path, lambda f: torch.save(state, f))
+    bad = nonfinite_entries(model, "model.") + nonfinite_entries(ema, "ema.")
+    if bad:
+        raise CheckpointError(f"refusing to write {path}: non-finite weights in {', '.join(bad[:3])}"
+                              + (f" and {len(bad) - 3} more" if len(bad) > 3 else ""))
+    try:
+        atomic_write(path, lambda f: torch.save(state, f))
+    except OSError as e:
+        kept = f"the previous {os.path.basename(path)} is kept" if os.path.exists(path) else "nothing was written"
+        raise OSError(e.errno, f"cannot write checkpoint {path}: {e.strerror or e} ({kept}); free space or "
+                               f"choose another --out, then --resume") from e
 
 
 # ----------------------------------------------------------------------------- reading
@@ -117,9 +127,17 @@ def resolve_checkpoint(ckpt: str, prefer: tuple[str, ...] = (LAST_CHECKPOINT,)) 
 def load_checkpoint(path: str) -> dict:
     """torch.load(weights_only=True) plus format checks; raises CheckpointError with the reason."""
     try:
+        size = os.path.getsize(path)
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}") from e
+    if size == 0:
+        raise CheckpointError(f"cannot read checkpoint {path}: the file is empty (0 bytes; its writing was cut "
+                              f"short, e.g. by a full disk); use another checkpoint of the run or retrain")
+    try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated file, not a torch file, unsafe pickle content, ...
-        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot read checkpoint {path}: {reason}") from e
     if not isinstance(state, dict) or "format_version" not in state:
         raise CheckpointError(f"{path} is not a sashimi checkpoint (no format_version)")
     if state["format_version"] != CHECKPOINT_FORMAT:

@@ -26,6 +26,7 @@ from ..objectives.base import Objective, objective_for
 from ..progress import progress as progress_display
 from .checkpoint import BEST_CHECKPOINT, LAST_CHECKPOINT, CheckpointError, load_checkpoint, model_from_checkpoint, \
     resolve_checkpoint
+from .rundir import check_output_file
 
 __all__ = ["sum_metrics", "evaluate"]
 
@@ -68,6 +69,8 @@ def evaluate(ckpt: str, data: str | None = None, split: str = "test", batch_size
     "checkpoint", "preset", "step", ...}.
     """
     check_int("batch_size", batch_size, 1)
+    if json_path:
+        check_output_file(json_path, "json_path")  # before the evaluation, not after it
     path = resolve_checkpoint(ckpt, prefer=(BEST_CHECKPOINT, LAST_CHECKPOINT))
     state = load_checkpoint(path)
     if preset is not None and state.get("preset") != preset:
@@ -99,7 +102,10 @@ def evaluate(ckpt: str, data: str | None = None, split: str = "test", batch_size
               "ema": used_ema}
     print(f"{split}: {value:.4f} {objective.unit} over {int(count):,} samples ({len(dataset):,} items)")
     if json_path:
-        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
-        write_json(json_path, result)
+        try:
+            write_json(json_path, result)
+        except OSError as e:
+            raise OSError(e.errno, f"cannot write {json_path}: {e.strerror or e} (the result was {value:.4f} "
+                                   f"{objective.unit}; choose another path)") from e
     return result
 

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from s4lib import param_groups
 
-from ..checks import check_int
+from ..checks import check_int, check_number
 from ..data.datasets import dataset_for
 from ..files import atomic_write, write_json
 from ..models.registry import build_model, preset_names, resolve_config
@@ -41,9 +41,12 @@ from ..objectives.base import Objective, objective_for
 from ..progress import progress
 from .checkpoint import (BEST_CHECKPOINT, LAST_CHECKPOINT, CheckpointError, config_diff, gather_rng_states,
                          load_checkpoint, set_rng_state, write_checkpoint)
+from .ema import update_ema
 from .evaluate import sum_metrics
-from .runtime import (GlobalBatches, Processes, StopFlag, batch_stream, plot_curves, read_metrics, seed_everything,
-                      setup_processes)
+from .guard import StepGuard
+from .rundir import prepare_run_dir
+from .runtime import (GlobalBatches, Processes, StopFlag, batch_stream, configure_threads, plot_curves, read_metrics,
+                      seed_everything, setup_processes)
 from .schedule import LRSchedule
 
 __all__ = ["TrainConfig", "train", "NonFiniteLossError", "parse_duration"]
@@ -106,12 +109,15 @@ class TrainConfig:
     # bookkeeping
     seed: int = _opt(0, "seed for initialisation, data order and dropout")
     num_workers: int = _opt(0, "DataLoader worker processes per training process")
-    threads: int | None = _opt(None, "torch threads per process (default: torch's choice; torchrun sets 1)")
+    threads: int | None = _opt(None, "torch threads per process (default: torch's choice; under torchrun cores / local processes)")
     log_every: int = _opt(10, "append training metrics every this many steps")
     val_every: int = _opt(500, "validate every this many steps (and at the end)")
     val_batches: int | None = _opt(None, "validate on at most this many batches (default: the whole split)")
     ckpt_every: int = _opt(500, "write last.pt every this many steps (and at the end)")
-    resume: bool = _opt(False, "continue from RUN_DIR/last.pt")
+    resume: bool = _opt(False, "continue from RUN_DIR/last.pt (in a directory without a run: start one)")
+    overwrite: bool = _opt(False, "start over in a directory that holds a run: its files move to "
+                                  "RUN_DIR/replaced-<time>/ (never deleted); with --resume only when there is "
+                                  "no last.pt")
     progress: bool = _opt(True, "show progress (a bar on a terminal, a line every few seconds otherwise)")
 
     def check(self) -> None:
@@ -124,16 +130,15 @@ class TrainConfig:
             check_int(name, getattr(self, name), 0)
         if self.max_time is not None:
             parse_duration(self.max_time)
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr!r}")
-        if self.weight_decay < 0 or self.grad_clip < 0:
-            raise ValueError("weight_decay and grad_clip must be >= 0")
+        check_number("lr", self.lr, 0, low_open=True)
+        check_number("weight_decay", self.weight_decay, 0)
+        check_number("grad_clip", self.grad_clip, 0)
+        check_number("min_lr_ratio", self.min_lr_ratio, 0, 1)
+        check_number("plateau_factor", self.plateau_factor, 0, 1, low_open=True, high_open=True)
+        check_number("ema", self.ema, 0, 1, low_open=True, high_open=True, allow_none=True)
+        check_number("dropout", self.dropout, 0, 1, high_open=True, allow_none=True)
         if self.schedule not in ("cosine", "plateau"):
             raise ValueError(f"schedule must be 'cosine' or 'plateau', got {self.schedule!r}")
-        if not 0 <= self.min_lr_ratio <= 1 or not 0 < self.plateau_factor < 1:
-            raise ValueError("need 0 <= min_lr_ratio <= 1 and 0 < plateau_factor < 1")
-        if self.ema is not None and not 0 < self.ema < 1:
-            raise ValueError(f"ema must be a decay in (0, 1) or None, got {self.ema!r}")
         if self.checkpointing not in ("auto", "on", "off"):
             raise ValueError(f"checkpointing must be 'auto', 'on' or 'off', got {self.checkpointing!r}")
         if self.precision not in ("fp32", "bf16"):
@@ -158,7 +163,7 @@ class TrainConfig:
 
 
 class NonFiniteLossError(RuntimeError):
-    """Too many consecutive steps had a non-finite loss or gradient; the run stopped."""
+    """Too many consecutive steps had a non-finite loss, gradient or updated weights; the run stopped."""
 
 
 # ----------------------------------------------------------------------------- model and objective
@@ -190,17 +195,6 @@ class ObjectiveStep(torch.nn.Module):
 
     def forward(self, batch: dict):
         return self.objective(self.model, batch)
-
-
-@torch.no_grad()
-def update_ema(ema_model: torch.nn.Module, model: torch.nn.Module, decay: float, step: int) -> None:
-    """ema = d * ema + (1 - d) * weights, with d ramped up as min(decay, (1 + step) / (10 + step))."""
-    d = min(decay, (1 + step) / (10 + step))
-    for e, p in zip(ema_model.state_dict().values(), model.state_dict().values()):
-        if e.is_floating_point() or e.is_complex():
-            e.mul_(d).add_(p, alpha=1 - d)
-        else:
-            e.copy_(p)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -237,6 +231,7 @@ class Run:
     position: Position
     t_start: float = 0.0
     lr_now: float = 0.0
+    guard: StepGuard | None = None  # the optimiser step, undone when it leaves non-finite weights
 
     @property
     def last_path(self) -> str:
@@ -260,8 +255,12 @@ class Run:
 
     def append_metrics(self, record: dict) -> None:
         if self.procs.is_main:
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with open(self.metrics_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")  # one write: a kill cannot tear it, a full disk can
+            except OSError as e:
+                raise OSError(e.errno, f"cannot append to {self.metrics_path}: {e.strerror or e} (the checkpoints "
+                                       f"are kept; free space or fix the folder, then --resume)") from e
 
 
 def _autocast(precision: str, device: torch.device):
@@ -273,11 +272,8 @@ def _autocast(precision: str, device: torch.device):
 def start_run(cfg: TrainConfig, procs: Processes) -> Run:
     """Build (or resume) the run: model, EMA, optimiser, schedule, data, position."""
     last_path = os.path.join(cfg.out, LAST_CHECKPOINT)
-    if procs.is_main:
-        os.makedirs(cfg.out, exist_ok=True)
-        if not cfg.resume and os.path.exists(last_path):
-            raise FileExistsError(f"{cfg.out} already holds a run ({LAST_CHECKPOINT}); pass --resume to "
-                                  f"continue it or choose another --out")
+    if procs.is_main:  # a run directory is never trained into by accident (sashimi.training.rundir)
+        prepare_run_dir(cfg.out, cfg.resume, cfg.overwrite, LAST_CHECKPOINT, log=tqdm.write)
 
     # the checkpoint to resume from must describe the same model (checked before building it)
     model_config = resolve_model_config(cfg)
@@ -289,8 +285,7 @@ def start_run(cfg: TrainConfig, procs: Processes) -> Run:
                                   f"than preset {cfg.preset!r} with this run's overrides: " + "; ".join(diff))
 
     # model, optimiser, schedule (identical initialisation on every process)
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
+    configure_threads(cfg.threads, procs, lambda message: procs.is_main and tqdm.write(message))
     seed_everything(cfg.seed)
     model = build_model(model_config).to(procs.device)
     objective = objective_for(model)
@@ -308,13 +303,9 @@ def start_run(cfg: TrainConfig, procs: Processes) -> Run:
     run.log(f"sashimi: preset {cfg.preset!r}, {n_parameters:,} parameters, "
             f"{procs.world_size} process(es) on {procs.device}")
 
+    run.guard = StepGuard(model.parameters(), optimizer)
     if ckpt is not None:
         resume(run, ckpt)
-    elif cfg.resume:
-        run.log(f"--resume: no {last_path} yet, starting a new run")
-    if procs.is_main:
-        write_json(os.path.join(cfg.out, "config.json"),
-                   {"train": cfg.to_dict(), "model": model_config.to_dict(), "world_size": procs.world_size})
 
     if hasattr(model, "set_gradient_checkpointing"):
         on, estimate = checkpointing_decision(cfg, getattr(model, "activation_bytes", None), run.local_batch)
@@ -329,6 +320,11 @@ def start_run(cfg: TrainConfig, procs: Processes) -> Run:
     run.val_set = dataset_for(model_config, cfg.data, "val", n_items=cfg.n_val_items)
     batches = GlobalBatches(len(run.train_set), cfg.batch_size, cfg.seed, procs.rank, procs.world_size)
     run.stream = batch_stream(run.train_set, batches, position.epoch, position.index, cfg.num_workers)
+    if ckpt is None:  # a new run holds a loadable last.pt from the start: --resume works after any kill
+        save_checkpoint(run, run.last_path)
+    if procs.is_main:
+        write_json(os.path.join(cfg.out, "config.json"),
+                   {"train": cfg.to_dict(), "model": model_config.to_dict(), "world_size": procs.world_size})
     return run
 
 
@@ -353,7 +349,7 @@ def resume(run: Run, ckpt: dict) -> None:
                 f"{procs.world_size}; reseeding")
         seed_everything(cfg.seed + 1 + procs.rank + 1000 * position.step)
     if procs.is_main:  # forget metrics logged after the checkpoint (their steps will be redone)
-        kept = [r for r in read_metrics(run.metrics_path) if r["step"] <= position.step]
+        kept = [r for r in read_metrics(run.metrics_path, warn=run.log) if r["step"] <= position.step]
         atomic_write(run.metrics_path, "".join(json.dumps(r) + "\n" for r in kept).encode())
     run.log(f"resumed from {run.last_path} at step {position.step}")
 
@@ -378,8 +374,8 @@ def train_step(run: Run, batch: dict) -> tuple[dict[str, float], bool]:
 
     The loss is normalised by the objective's count over the *global* batch, and DDP averages
     gradients over processes, hence the factor world_size. With micro_batch the batch goes through
-    in chunks whose gradients add up (same result). A non-finite loss or gradient skips the update
-    (the same decision on every process).
+    in chunks whose gradients add up (same result). A non-finite loss or gradient skips the update,
+    and an update that leaves any weight non-finite is undone (the same decision on every process).
     """
     procs, cfg = run.procs, run.cfg
     batch = {k: v.to(procs.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -404,8 +400,13 @@ def train_step(run: Run, batch: dict) -> tuple[dict[str, float], bool]:
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), max_norm)
     finite = all(math.isfinite(v) for v in means.values()) and bool(torch.isfinite(grad_norm))
+    if finite:  # a step that leaves any weight non-finite is undone, on every process, and counted as skipped
+        finite = run.guard.step()
+        if procs.world_size > 1 and procs.all_sum([0.0 if finite else 1.0])[0] > 0:
+            if finite:
+                run.guard.undo()
+            finite = False
     if finite:
-        run.optimizer.step()
         if run.ema_model is not None:
             update_ema(run.ema_model, run.model, cfg.ema, run.position.step)
     run.optimizer.zero_grad(set_to_none=True)
@@ -510,7 +511,7 @@ def _loop(run: Run) -> dict:
             else:
                 consecutive_nonfinite += 1
                 position.nonfinite_total += 1
-                run.log(f"step {position.step - 1}: non-finite loss or gradient, update skipped "
+                run.log(f"step {position.step - 1}: non-finite loss, gradient or updated weights, update skipped "
                         f"({consecutive_nonfinite} in a row, {position.nonfinite_total} in total)")
             bar.update(1)
             if finite:
@@ -519,8 +520,8 @@ def _loop(run: Run) -> dict:
                 bar.close()
                 raise NonFiniteLossError(
                     f"stopped at step {position.step}: {consecutive_nonfinite} consecutive steps had a non-finite "
-                    f"loss or gradient (lower --lr, raise --warmup-steps, or check the data). The last good "
-                    f"checkpoint {run.last_path} was left as it was.")
+                    f"loss, gradient or updated weights (lower --lr, raise --warmup-steps, or check the data). "
+                    f"The last good checkpoint {run.last_path} was left as it was.")
             step_seconds = time.time() - t_step
 
             # out of time? (the same decision on every process: rank 0's clock decides)

@@ -20,8 +20,8 @@ from torch.utils.data import DataLoader
 
 from ..files import atomic_write
 
-__all__ = ["Processes", "setup_processes", "GlobalBatches", "batch_stream", "seed_everything", "StopFlag",
-           "read_metrics", "plot_curves"]
+__all__ = ["Processes", "setup_processes", "available_cores", "choose_threads", "configure_threads", "GlobalBatches",
+           "batch_stream", "seed_everything", "StopFlag", "read_metrics", "plot_curves"]
 
 
 # ----------------------------------------------------------------------------- processes
@@ -34,6 +34,7 @@ class Processes:
     world_size: int = 1
     device: torch.device = torch.device("cpu")
     owns_group: bool = False  # this train() call created the process group (and destroys it)
+    local_world_size: int = 1  # processes of the group on this machine (torchrun's LOCAL_WORLD_SIZE)
 
     @property
     def is_main(self) -> bool:
@@ -61,7 +62,47 @@ def setup_processes() -> Processes:
     owns = not dist.is_initialized()
     if owns:
         dist.init_process_group(backend=backend)
-    return Processes(rank, world_size, device, owns)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    return Processes(rank, world_size, device, owns, max(1, local))
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, else os.cpu_count())."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def choose_threads(requested: int | None, local_processes: int, cores: int) -> tuple[int | None, str | None]:
+    """(torch threads per process, or None for torch's own choice; a warning, or None).
+
+    One process keeps torch's choice unless threads are requested. Several processes on one
+    machine (torchrun) get cores // processes each unless requested: torchrun sets no thread
+    count when OMP_NUM_THREADS is already exported, and K processes of that many threads each on
+    fewer cores spin against each other (a 7x slowdown measured with 2 x 2 threads on 2 cores).
+    The warning says when threads x local processes exceed the cores.
+    """
+    threads = requested
+    if threads is None and local_processes > 1:
+        threads = max(1, cores // local_processes)
+    used = (threads or torch.get_num_threads()) * local_processes
+    warning = None
+    if used > cores and (requested is not None or local_processes > 1):
+        warning = (f"warning: {threads or torch.get_num_threads()} torch thread(s) x {local_processes} process(es) "
+                   f"on this machine exceed its {cores} core(s): throughput can collapse; use --threads "
+                   f"{max(1, cores // local_processes)}")
+    return threads, warning
+
+
+def configure_threads(requested: int | None, procs: Processes, log=print) -> int:
+    """Set torch's thread count by choose_threads (warning once, from the first local process); returns it."""
+    threads, warning = choose_threads(requested, procs.local_world_size, available_cores())
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if warning and procs.rank % procs.local_world_size == 0:
+        log(warning)
+    return torch.get_num_threads()
 
 
 # ----------------------------------------------------------------------------- data order
@@ -152,11 +193,31 @@ class StopFlag:
 # ----------------------------------------------------------------------------- files
 
 
-def read_metrics(path: str) -> list[dict]:
+def read_metrics(path: str, warn=None) -> list[dict]:
+    """The records of a metrics.jsonl file ([] if there is none).
+
+    A last line that is not complete JSON (a write cut short by a kill or a full disk) is dropped,
+    with `warn(message)` when given; a bad line before the last raises ValueError naming the file and line.
+    """
     if not os.path.exists(path):
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = [(k + 1, line) for k, line in enumerate(f) if line.strip()]
+    records = []
+    for i, (number, line) in enumerate(lines):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError("not a record with an integer step")
+        except ValueError as e:
+            if i == len(lines) - 1:
+                if warn is not None:
+                    warn(f"warning: dropped the torn last line {number} of {path} (an interrupted write): "
+                         f"{line.strip()[:60]!r}")
+                break
+            raise ValueError(f"{path} line {number} is not a metrics record ({e}); fix or remove that line") from e
+        records.append(record)
+    return records
 
 
 def plot_curves(metrics_path: str, png_path: str, metric: str = "bits", unit: str = "bits/sample") -> None:

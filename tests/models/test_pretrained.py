@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 import sashimi
 from sashimi.models.autoregressive import PRESETS, WaveformAR
 from sashimi.models.pretrained import CONFIG_NAME, WEIGHTS_NAME, PretrainedError, read_pretrained_config
-from s4lib.ssm import SSMKernelDPLR
+from s4lib import SSMKernelDPLR
 
 BACKEND = "naive"
 
@@ -230,3 +230,49 @@ def test_round_trip_over_architectures(tmp_path_factory, d_model, n_layers, pool
     assert loaded.config == config
     with torch.no_grad():
         assert torch.equal(loaded(tokens), expected)
+
+
+def test_tied_weights_and_extra_state_of_a_registered_family(tmp_path):
+    """Shared tensors are stored once each (safetensors refuses aliases); JSON extra state round-trips."""
+    import dataclasses
+
+    import torch.nn as nn
+
+    from sashimi.models import registry
+    from sashimi.models.config import ConfigMixin
+    from sashimi.models.pretrained import PretrainedMixin
+
+    @dataclasses.dataclass
+    class TiedConfig(ConfigMixin):
+        family: str = "tied-test"
+        width: int = 3
+
+    class TiedModel(PretrainedMixin, nn.Module):
+        def __init__(self, config):
+            super().__init__()
+            self.config = config
+            self.a = nn.Linear(config.width, config.width)
+            self.b = nn.Linear(config.width, config.width)
+            self.b.weight = self.a.weight  # tied
+            self.counter = 0
+
+        def get_extra_state(self):
+            return {"counter": self.counter}
+
+        def set_extra_state(self, state):
+            self.counter = state["counter"]
+
+    saved = dict(registry._FAMILIES)
+    try:
+        registry.register_family("tied-test", TiedConfig, TiedModel)
+        model = TiedModel(TiedConfig())
+        model.counter = 7
+        model.save_pretrained(str(tmp_path / "m"))
+        loaded = TiedModel.from_pretrained(str(tmp_path / "m"))
+        assert loaded.counter == 7 and loaded.b.weight is loaded.a.weight
+        assert torch.equal(loaded.a.weight, model.a.weight) and torch.equal(loaded.b.bias, model.b.bias)
+        with pytest.raises(PretrainedError, match="holds a TiedModel .* not a WaveformAR"):
+            WaveformAR.from_pretrained(str(tmp_path / "m"))
+    finally:
+        registry._FAMILIES.clear()
+        registry._FAMILIES.update(saved)
