@@ -288,13 +288,13 @@ class FFTConv(nn.Module):
         Runs the fused native step when it applies (s4lib.fused_step: CPU float32, no autograd
         graph, a supported configuration), else this eager step; both read and write the same state.
         """
+        if not hasattr(self.kernel, "_step"):
+            raise RuntimeError("call setup_step() before step()")
+        check_step_args(x, state, self.d_model, self.kernel)  # before either path
         if self.step_backend != "eager" and not torch.compiler.is_compiling():
             out = fused_step.fftconv_step(self, x, state)
             if out is not None:
                 return out
-        if not hasattr(self.kernel, "_step"):
-            raise RuntimeError("call setup_step() before step()")
-        check_step_args(x, state, self.d_model, self.kernel)
         y, state = self.kernel.step(x, state)  # (B, C, H)
         y = y + x.unsqueeze(1) * self.D
         y = y.reshape(x.shape[0], -1)
