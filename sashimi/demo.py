@@ -19,7 +19,7 @@ import torch
 from .checks import check_number
 from .models.registry import build_model
 from .pipelines.from_checkpoint import check_generation, generate_from_checkpoint
-from .training.checkpoint import LAST_CHECKPOINT
+from .training.checkpoint import LAST_CHECKPOINT, load_checkpoint
 from .training.evaluate import evaluate
 from .training.loop import TrainConfig, train
 from .training.runtime import read_metrics
@@ -87,7 +87,9 @@ def run_demo(out: str = "runs/demo", minutes: float = 4.0, n: int = 32, seconds:
     check_generation(n, seconds, DEMO_SAMPLING["temperature"], 0, DEMO_SAMPLING["top_p"], n, seed)
     run_dir, samples_dir = os.path.join(out, "run"), os.path.join(out, "samples")
     steps = None
-    if os.path.exists(os.path.join(run_dir, LAST_CHECKPOINT)):
+    last = os.path.join(run_dir, LAST_CHECKPOINT)
+    trained = os.path.exists(last) and load_checkpoint(last).get("step", 0) > 0
+    if trained:
         print(f"sashimi demo: {run_dir} already holds a trained model; skipping training "
               f"(delete it or pass another --out to train again)")
     else:
@@ -103,7 +105,8 @@ def run_demo(out: str = "runs/demo", minutes: float = 4.0, n: int = 32, seconds:
               f"Ctrl-C stops training early and goes on to generation")
         cfg = TrainConfig(**DEMO_TRAIN, out=run_dir, max_steps=MAX_STEPS, max_time=f"{budget:.1f}s",
                           warmup_steps=max(10, expected // 20), val_every=-(-expected // 4),
-                          ckpt_every=-(-expected // 4), log_every=10, seed=seed, progress=progress)
+                          ckpt_every=-(-expected // 4), log_every=10, seed=seed, progress=progress,
+                          resume=os.path.exists(last))  # a run stopped before its first step goes on
         steps = train(cfg)["step"]
     val_bits = _last_val(run_dir)
     t_trained = time.time()
