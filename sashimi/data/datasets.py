@@ -484,7 +484,11 @@ def make_dataset(data, split: str = "train", *, sample_rate: int = 16000, sample
 
 def dataset_for(model_config, data, split: str = "train", *, n_items: int | None = None, **kwargs) -> Dataset:
     """The dataset a model of `model_config` trains on: its sample_rate and sample_len, and tokens
-    from its quantiser when the config has one (`model_config.quantizer()`, a Quantizer)."""
+    from its quantiser when the config has one (`model_config.quantizer()`, a Quantizer). A config with a
+    `make_dataset(data, split, n_items=)` method builds its own (the flow families: reflow pairs, captions)."""
+    make = getattr(model_config, "make_dataset", None)
+    if callable(make):
+        return make(data, split, n_items=n_items, **kwargs)
     quantizer = model_config.quantizer() if hasattr(model_config, "quantizer") else None
     return make_dataset(data, split, sample_rate=model_config.sample_rate, sample_len=model_config.sample_len,
                         quantization=quantizer, n_items=n_items, **kwargs)

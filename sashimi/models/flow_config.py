@@ -131,6 +131,26 @@ class FlowConfig:
     def replace(self, **changes) -> "FlowConfig":
         return dataclasses.replace(self, **changes)
 
+    def with_stage(self, stage: str) -> "FlowConfig":
+        """This config at a training stage (what `--stage` of the training loop asks for): for a rectified
+        flow '1-rf', '2-rf' (reflow pairs, Mix-Exp(4) times, immiscible pairing) or 'distilled'."""
+        if self.family != "rectified_flow":
+            raise ValueError(f"a {self.family!r} model has no training stages (reflow and distillation are for "
+                             f"rectified flows)")
+        if stage == "1-rf":
+            return self.replace(stage=stage)
+        if stage == "2-rf":
+            return self.replace(stage=stage, timestep_sampler="mix_exp", timestep_params={"a": 4.0}, immiscible=True)
+        if stage == "distilled":
+            return self.replace(stage=stage)
+        raise ValueError(f"unknown stage {stage!r}; a rectified flow trains at one of {list(STAGES)}")
+
+    def make_dataset(self, data, split: str = "train", *, n_items: int | None = None, **kwargs):
+        """The items this model trains on (sashimi.data.flow_data.flow_dataset)."""
+        from ..data.flow_data import flow_dataset
+
+        return flow_dataset(self, data, split, n_items=n_items, **kwargs)
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["pool"] = list(self.pool)

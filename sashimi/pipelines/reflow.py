@@ -1,8 +1,6 @@
 """Reflow pairs: (noise seed, ODE(noise)) from a trained flow, optionally with Anchored Optimization; their folder.
 
-A pair folder holds pairs.json (format, model space shape, seeds, conditions, how they were made)
-and samples.npy (N, frames, channels) float32: x1_hat in the model's space. The noise of pair i is
-`pair_noise(seed_i, shape)`, regenerated when read, so the folder stores no noise.
+The folder's layout and its dataset (ReflowPairs, pair_noise) are in sashimi.data.reflow_pairs.
 
 Anchored Optimization (for guidance w > 1): the w = 1 trajectory A_k is the anchor. At each step
 the guided step is x_{k+1} = x_k + h (v(x_k, null') + w (v(x_k, c) - v(x_k, null'))) with an
@@ -21,18 +19,12 @@ import time
 import numpy as np
 import torch
 
-from sashimi.schedulers.guidance import check_guidance_scale, guided_output
+from sashimi.schedulers.guidance import check_guidance_scale
+from ..files import atomic_write
+from ..data.reflow_pairs import FORMAT, ReflowPairs, pair_noise
 from .flow_sampling import check_steps, flow_scheduler
 
 __all__ = ["pair_noise", "make_pairs", "anchored_sample", "write_pairs", "ReflowPairs"]
-
-FORMAT = "sashimi-reflow-pairs-1"
-
-
-def pair_noise(seed: int, shape: tuple) -> torch.Tensor:
-    """The standard normal noise (shape) of one pair, from its seed."""
-    return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(seed)))
-
 
 def _times(t, x):
     return torch.full((x.shape[0],), float(t), dtype=x.dtype, device=x.device)
@@ -136,47 +128,12 @@ def _jsonable(v):
 
 
 def write_pairs(out_dir: str, pairs: dict, model_config: dict) -> str:
-    """Write a pair folder (see the module docstring); returns the path of pairs.json."""
+    """Write a pair folder (sashimi.data.reflow_pairs); returns the path of pairs.json (written last)."""
     os.makedirs(out_dir, exist_ok=True)
     samples = pairs["samples"].numpy().astype(np.float32)
-    np.save(os.path.join(out_dir, "samples.npy"), samples)
+    atomic_write(os.path.join(out_dir, "samples.npy"), lambda f: np.save(f, samples))
     meta = {"format": FORMAT, "shape": list(samples.shape[1:]), "seeds": pairs["seeds"],
             "conditions": pairs["conditions"], "info": pairs["info"], "model": model_config}
     path = os.path.join(out_dir, "pairs.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(meta, f)
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(meta).encode())
     return path
-
-
-class ReflowPairs(torch.utils.data.Dataset):
-    """A pair folder as a dataset of {"x1", "noise", "label" | "prompt" | "embedding"} items."""
-
-    def __init__(self, folder: str):
-        path = os.path.join(folder, "pairs.json")
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{folder} is not a reflow pair folder (no pairs.json); make one with "
-                                    "`sashimi reflow`")
-        with open(path) as f:
-            self.meta = json.load(f)
-        if self.meta.get("format") != FORMAT:
-            raise ValueError(f"{path}: unknown format {self.meta.get('format')!r}, expected {FORMAT!r}")
-        self.samples = np.load(os.path.join(folder, "samples.npy"), mmap_mode="r")
-        if len(self.samples) != len(self.meta["seeds"]):
-            raise ValueError(f"{folder}: {len(self.samples)} samples but {len(self.meta['seeds'])} seeds")
-        self.shape = tuple(self.meta["shape"])
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, i):
-        item = {"x1": torch.from_numpy(np.array(self.samples[i])), "noise": pair_noise(self.meta["seeds"][i], self.shape)}
-        conds = self.meta["conditions"]
-        if "labels" in conds:
-            item["label"] = torch.tensor(conds["labels"][i], dtype=torch.int64)
-        if "prompts" in conds:
-            item["prompt"] = conds["prompts"][i]
-        if "embedding" in conds:
-            item["embedding"] = torch.tensor(conds["embedding"][i], dtype=torch.float32)
-        return item

@@ -44,6 +44,7 @@ from .checkpoint import (BEST_CHECKPOINT, LAST_CHECKPOINT, CheckpointError, conf
 from .ema import update_ema
 from .evaluate import sum_metrics
 from .guard import StepGuard
+from .init_from import read_init
 from .rundir import prepare_run_dir
 from .runtime import (GlobalBatches, Processes, StopFlag, batch_stream, configure_threads, plot_curves, read_metrics,
                       seed_everything, setup_processes)
@@ -83,11 +84,17 @@ class TrainConfig:
     dropout: float | None = _opt(None, "override the preset's dropout")
     n_train_items: int | None = _opt(None, "use at most this many training items (default: all)")
     n_val_items: int | None = _opt(None, "use at most this many validation items (default: all)")
+    init_from: str | None = _opt(None, "start from these weights, not a fresh initialisation: a model folder "
+                                       "(config.json + model.safetensors), a run directory (best.pt, else last.pt) "
+                                       "or a checkpoint file; the model is that one (preset unused) at --stage")
+    stage: str | None = _opt(None, "with init_from: the training stage of its family, e.g. '2-rf' (reflow, on "
+                                   "a pair folder from `sashimi reflow`) or 'distilled' (one step) for a "
+                                   "rectified flow")
     # optimisation
     max_steps: int = _opt(100_000, "total optimiser steps (a resumed run continues up to this)")
-    max_time: str | None = _opt(None, "wall-clock budget of the whole run, e.g. 90 (seconds), 30m, 2h: the cosine "
-                                      "schedule decays over it, and the run stops in time for a final validation "
-                                      "and checkpoint (also bounded by max_steps)")
+    max_time: str | None = _opt(None, "time budget of the whole run (on budget_clock), e.g. 90 (seconds), 30m, 2h: "
+                                      "the cosine schedule decays over it, and the run stops in time for a final "
+                                      "validation and checkpoint (also bounded by max_steps)")
     batch_size: int = _opt(8, "global batch size, split evenly across processes")
     micro_batch: int | None = _opt(None, "run each process's batch in chunks of this many clips and add up their "
                                          "gradients (same result, less memory; default: all at once)")
@@ -101,6 +108,8 @@ class TrainConfig:
     min_lr_ratio: float = _opt(0.01, "final learning rate of the cosine schedule, relative to lr")
     plateau_factor: float = _opt(0.5, "plateau: multiply the learning rate by this ...")
     plateau_patience: int = _opt(5, "... after this many validations without improvement")
+    budget_clock: str = _opt("wall", "what max_time counts: 'wall' (wall-clock seconds) or 'cpu' (this process's "
+                                     "CPU seconds, all its threads: an equal budget for runs on a shared machine)")
     grad_clip: float = _opt(1.0, "clip the global gradient norm to this (0: off)")
     ema: float | None = _opt(None, "decay of an exponential moving average of the weights, e.g. 0.999; "
                                    "validation and best.pt then use the EMA weights")
@@ -141,10 +150,14 @@ class TrainConfig:
             raise ValueError(f"schedule must be 'cosine' or 'plateau', got {self.schedule!r}")
         if self.checkpointing not in ("auto", "on", "off"):
             raise ValueError(f"checkpointing must be 'auto', 'on' or 'off', got {self.checkpointing!r}")
+        if self.budget_clock not in ("wall", "cpu"):
+            raise ValueError(f"budget_clock must be 'wall' or 'cpu', got {self.budget_clock!r}")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
-        if self.preset not in preset_names():
+        if self.init_from is None and self.preset not in preset_names():
             raise ValueError(f"unknown preset {self.preset!r}; choose one of {preset_names()}")
+        if self.stage is not None and self.init_from is None:
+            raise ValueError("stage needs init_from: a stage continues from a trained model's weights")
 
     @property
     def max_seconds(self) -> float | None:
@@ -169,10 +182,23 @@ class NonFiniteLossError(RuntimeError):
 # ----------------------------------------------------------------------------- model and objective
 
 
-def resolve_model_config(cfg: TrainConfig):
-    """The preset's model config with this run's overrides (sample_len, dropout)."""
+def resolve_model_config(cfg: TrainConfig, init=None):
+    """The preset's model config (or that of init_from at its stage) with this run's overrides (sample_len, dropout).
+
+    init: the init model's config (default: read from cfg.init_from).
+    """
     overrides = {k: getattr(cfg, k) for k in ("sample_len", "dropout") if getattr(cfg, k) is not None}
-    return resolve_config(cfg.preset, **overrides)
+    if cfg.init_from is None:
+        return resolve_config(cfg.preset, **overrides)
+    if init is None:
+        init = read_init(cfg.init_from)[0]
+    config = resolve_config(init, **overrides)
+    if cfg.stage is not None:
+        with_stage = getattr(config, "with_stage", None)
+        if not callable(with_stage):
+            raise ValueError(f"a {getattr(config, 'family', type(config).__name__)!r} model has no training stages")
+        config = with_stage(cfg.stage)
+    return config
 
 
 def checkpointing_decision(cfg: TrainConfig, activation_bytes, local_batch: int) -> tuple[bool, float]:
@@ -245,9 +271,13 @@ class Run:
     def local_batch(self) -> int:
         return self.cfg.batch_size // self.procs.world_size
 
+    def clock(self) -> float:
+        """The budget's clock: wall-clock seconds, or this process's CPU seconds (cfg.budget_clock)."""
+        return time.process_time() if self.cfg.budget_clock == "cpu" else time.time()
+
     def seconds(self) -> float:
-        """Training time of the whole run so far (earlier sessions included)."""
-        return self.position.elapsed_before + time.time() - self.t_start
+        """Training time of the whole run so far (earlier sessions included), on the budget's clock."""
+        return self.position.elapsed_before + self.clock() - self.t_start
 
     def log(self, message: str) -> None:
         if self.procs.is_main:
@@ -272,11 +302,15 @@ def _autocast(precision: str, device: torch.device):
 def start_run(cfg: TrainConfig, procs: Processes) -> Run:
     """Build (or resume) the run: model, EMA, optimiser, schedule, data, position."""
     last_path = os.path.join(cfg.out, LAST_CHECKPOINT)
+    # the weights to start from (read before anything is written: a bad path leaves no run behind)
+    init = read_init(cfg.init_from) if cfg.init_from is not None else None
+    model_config = resolve_model_config(cfg, init[0] if init is not None else None)
+    if init is not None:  # the run is named by the model it continues
+        cfg = dataclasses.replace(cfg, preset=getattr(model_config, "name", cfg.preset))
     if procs.is_main:  # a run directory is never trained into by accident (sashimi.training.rundir)
         prepare_run_dir(cfg.out, cfg.resume, cfg.overwrite, LAST_CHECKPOINT, log=tqdm.write)
 
     # the checkpoint to resume from must describe the same model (checked before building it)
-    model_config = resolve_model_config(cfg)
     ckpt = load_checkpoint(last_path) if cfg.resume and os.path.exists(last_path) else None
     if ckpt is not None:
         diff = config_diff(ckpt["model_config"], model_config.to_dict())
@@ -288,6 +322,13 @@ def start_run(cfg: TrainConfig, procs: Processes) -> Run:
     configure_threads(cfg.threads, procs, lambda message: procs.is_main and tqdm.write(message))
     seed_everything(cfg.seed)
     model = build_model(model_config).to(procs.device)
+    if init is not None:
+        try:
+            model.load_state_dict(init[1])
+        except RuntimeError as e:
+            raise CheckpointError(f"init_from {init[2]}: its weights do not fit the model ({e})") from e
+        if procs.is_main:
+            tqdm.write(f"initialised from {init[2]}" + (f" (stage {cfg.stage})" if cfg.stage else ""))
     objective = objective_for(model)
     ema_model = copy.deepcopy(model).eval() if cfg.ema is not None else None
     optimizer = torch.optim.AdamW(param_groups(model, weight_decay=cfg.weight_decay, lr=cfg.lr), lr=cfg.lr)
@@ -299,6 +340,7 @@ def start_run(cfg: TrainConfig, procs: Processes) -> Run:
     position = Position()
     run = Run(cfg, procs, model_config, model, ObjectiveStep(model, objective), objective, ema_model, optimizer,
               schedule, None, None, None, _autocast(cfg.precision, procs.device), position)
+    run.t_start = run.clock()  # the checkpoint written before the first step records no training time
     n_parameters = sum(p.numel() for p in model.parameters())
     run.log(f"sashimi: preset {cfg.preset!r}, {n_parameters:,} parameters, "
             f"{procs.world_size} process(es) on {procs.device}")
@@ -381,7 +423,7 @@ def train_step(run: Run, batch: dict) -> tuple[dict[str, float], bool]:
     batch = {k: v.to(procs.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     (global_count,) = procs.all_sum([float(run.objective.count(batch))])
     scale = procs.world_size / max(global_count, 1.0)
-    size = len(batch["mask"])
+    size = len(batch["mask"]) if "mask" in batch else len(next(v for v in batch.values() if torch.is_tensor(v)))
     micro = cfg.micro_batch or size
     n_chunks = math.ceil(size / micro)
     local = {}
@@ -487,14 +529,14 @@ def train(cfg: TrainConfig) -> dict:
 def _loop(run: Run) -> dict:
     cfg, procs, position, objective = run.cfg, run.procs, run.position, run.objective
     budget = cfg.max_seconds
-    run.t_start, run.lr_now, status = time.time(), cfg.lr, "finished"
+    run.t_start, run.lr_now, status = run.clock(), cfg.lr, "finished"
     consecutive_nonfinite, window, step_seconds, pause_seconds = 0, Window(), 0.0, 0.0
     desc = "train" if budget is None else f"train (budget {cfg.max_time})"
     bar = progress(total=cfg.max_steps, initial=position.step, desc=desc, disable=not (procs.is_main and cfg.progress))
     run.step_module.train()
     with StopFlag() as stop:
         while position.step < cfg.max_steps:
-            t_step = time.time()
+            t_step = run.clock()
             # with a time budget the schedule's clock runs ahead by what the end of the run needs (a step, the
             # final validation and checkpoint), so the last step is the decayed one
             lr_factor = run.schedule.factor(position.step, run.seconds() + step_seconds + pause_seconds)
@@ -522,7 +564,7 @@ def _loop(run: Run) -> dict:
                     f"stopped at step {position.step}: {consecutive_nonfinite} consecutive steps had a non-finite "
                     f"loss, gradient or updated weights (lower --lr, raise --warmup-steps, or check the data). "
                     f"The last good checkpoint {run.last_path} was left as it was.")
-            step_seconds = time.time() - t_step
+            step_seconds = run.clock() - t_step
 
             # out of time? (the same decision on every process: rank 0's clock decides)
             out_of_time = False
@@ -539,7 +581,7 @@ def _loop(run: Run) -> dict:
                                     "samples_per_s": speed, "audio_samples_per_s": speed * run.model_config.sample_len,
                                     "nonfinite_steps": position.nonfinite_total})
                 window = Window()
-            t_pause = time.time()  # validation and checkpoints do not count against samples_per_s
+            t_pause, t_pause_wall = run.clock(), time.time()  # validation and checkpoints do not count against samples_per_s
             validated = position.step % cfg.val_every == 0 or last
             if validated:
                 run_validation(run)
@@ -547,8 +589,8 @@ def _loop(run: Run) -> dict:
             saved = healthy and (position.step % cfg.ckpt_every == 0 or last)
             if saved:
                 save_checkpoint(run, run.last_path)
-            paused = time.time() - t_pause
-            window.paused += paused
+            paused = run.clock() - t_pause
+            window.paused += time.time() - t_pause_wall
             if validated and saved:
                 pause_seconds = max(pause_seconds, paused)  # what the final validation and checkpoint will take
             if out_of_time:
