@@ -17,6 +17,7 @@ counted. FLOPs per generated second = evaluations x FLOPs per evaluation / (batc
 
     python benchmarks/bench_flows.py                       # the issue's cases (slow on a shared CPU)
     python benchmarks/bench_flows.py --quick               # a 0.25 s smoke run with tiny presets
+    python benchmarks/bench_flows.py --mel-only            # one mel-space step plus WaveFlow vocoding
 """
 
 from __future__ import annotations
@@ -107,6 +108,32 @@ def time_forwards(models: dict, batch: int, repeats: int) -> dict:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def mel_case(batch: int, repeats: int, vocoder_preset: str = "waveflow-cpu") -> dict:
+    """One Euler step of the mel-space flow plus WaveFlow vocoding, end to end through FlowPipeline
+    (median of `repeats` runs), split into the flow network's call and the vocoder's inversion."""
+    from sashimi.models.registry import build_model
+
+    flow = rectified_flow.build("rf-mel").eval()
+    c = flow.config
+    vocoder = build_model(vocoder_preset, sample_rate=c.sample_rate, n_mels=c.n_mels, hop_length=c.hop_length,
+                          n_fft=c.n_fft, win_length=c.n_fft).eval()
+    pipe = FlowPipeline(flow, vocoder)
+    pipe(1, labels=[0], steps=1)  # warm-up
+    total, net = [], []
+    cond = flow.condition(labels=[0] * batch)
+    for _ in range(repeats):
+        total.append(pipe(batch, labels=[0], steps=1, batch_size=batch).seconds)
+        with torch.no_grad():
+            start = time.perf_counter()
+            flow(torch.randn(flow.noise_shape(batch)), torch.zeros(batch), cond)
+            net.append(time.perf_counter() - start)
+    seconds = statistics.median(total)
+    audio = batch * c.frames * c.hop_length / c.sample_rate
+    return {"case": f"rf-mel euler 1 + {vocoder_preset}", "params": sum(p.numel() for p in flow.parameters()),
+            "vocoder_params": sum(p.numel() for p in vocoder.parameters()), "seconds": seconds,
+            "network": statistics.median(net), "rtf": audio / seconds, "audio_seconds": audio}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
@@ -118,6 +145,9 @@ def main(argv=None) -> int:
                         help="run a case end to end when it needs at most this many network evaluations")
     parser.add_argument("--quick", action="store_true", help="tiny presets, 0.25 s at 8 kHz")
     parser.add_argument("--big", action="store_true", help="also the 23M-parameter SC09 U-Net (one step)")
+    parser.add_argument("--mel", action="store_true",
+                        help="also mel space: one step of rf-mel plus waveflow-cpu vocoding, end to end")
+    parser.add_argument("--mel-only", action="store_true", help="only the mel-space case")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -139,7 +169,18 @@ def main(argv=None) -> int:
     if args.big:
         cases.insert(1, ("rf-sc09", "euler", 1))
 
+    if args.mel_only:
+        peak_before = sgemm_gflops(args.threads)
+        m = mel_case(args.batch, args.repeats)
+        peak_after = sgemm_gflops(args.threads)
+        load = os.getloadavg()
+        print(f"# bench_flows --mel-only: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+              f"threads={args.threads}, batch={args.batch}, load {load[0]:.1f}/{load[1]:.1f}, "
+              f"sgemm {peak_before:.1f} / {peak_after:.1f} GFLOP/s (before/after)")
+        _print_mel(m)
+        return 0
     peak_before = sgemm_gflops(args.threads)
+    mel = mel_case(args.batch, args.repeats) if args.mel else None
     per_eval = time_forwards(models, args.batch, args.repeats)
     flops = {name: network_flops(model, args.batch) for name, model in models.items()}
     rows = []
@@ -177,7 +218,15 @@ def main(argv=None) -> int:
         print(f"| {r['case']} | {r['params'] / 1e6:.2f}M | {r['evals']} | {r['seconds']:.2f} | "
               f"{'-' if r['measured'] is None else format(r['measured'], '.2f')} | {r['rtf']:.3f} | {r['seconds'] / base:.1f}x | "
               f"{r['flops_per_audio_second'] / 1e9:.1f} | {r['gflops']:.1f} | {r['gflops'] / peak:.1%} |")
+    if mel is not None:
+        _print_mel(mel)
     return 0
+
+
+def _print_mel(m: dict) -> None:
+    print(f"| {m['case']} ({m['params'] / 1e6:.2f}M + {m['vocoder_params'] / 1e6:.2f}M vocoder) | end to end "
+          f"{m['seconds']:.2f} s for {m['audio_seconds']:.2f} s of audio (median) | flow network {m['network']:.3f} s | "
+          f"real-time factor {m['rtf']:.3f} |")
 
 
 if __name__ == "__main__":

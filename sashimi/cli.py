@@ -5,6 +5,8 @@
     sashimi train --data builtin --preset tiny --out runs/tiny30 --max-time 30m
     sashimi eval --ckpt runs/tiny --data builtin --split test --json runs/tiny/test.json
     sashimi generate --ckpt runs/tiny --n 4 --seconds 1
+    sashimi train --data builtin --preset rf-tiny --out runs/rf1 --max-time 10m
+    sashimi generate --ckpt runs/rf1 --steps 24 --cfg 3.0 --label 7 --n 8
     sashimi demo
 
 The CLI only wires flags to the library: sashimi.training.loop.train, sashimi.training.evaluate.evaluate,
@@ -37,12 +39,15 @@ def _flag_type(annotation):
     return annotation
 
 
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field (--max-steps for max_steps, ...), help from the field."""
+def add_train_arguments(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
+    """One flag per TrainConfig field (--max-steps for max_steps, ...), help from the field; `exclude`:
+    fields a command sets itself."""
     from .training.loop import TrainConfig
 
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
+        if f.name in exclude:
+            continue
         flag = "--" + f.name.replace("_", "-")
         help = f.metadata.get("help", "")
         if "default" not in help:
@@ -168,7 +173,9 @@ def _print_generation(result, paths) -> None:
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt", required=True, help="run directory (its best.pt, else last.pt) or checkpoint file")
     parser.add_argument("--n", type=int, default=16, help="number of samples (default: 16)")
-    parser.add_argument("--seconds", type=float, default=4.0, help="length of each sample, prompt included (default: 4)")
+    parser.add_argument("--seconds", type=float, default=None,
+                        help="length of each sample, prompt included (default: 4; a flow model makes clips of its "
+                             "training length)")
     parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; 0 = greedy (default: 1)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default: 1 = off)")
     parser.add_argument("--top-k", type=int, default=0, help="keep the K most likely levels (default: 0 = all)")
@@ -186,12 +193,69 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--score-real", default=None, metavar="DIR",
                         help="real audio to score against: a folder or 'builtin' (default: the run's data)")
     parser.add_argument("--real-clips", type=int, default=4, help="real clips shown on the page with --score (default: 4)")
+    flow = parser.add_argument_group("rectified-flow and DiffWave models")
+    flow.add_argument("--steps", type=int, default=None,
+                      help="sampler steps: 1, 4, 24 ... (default: 24 Euler / 12 Heun for a flow, 200 DDPM / 50 DDIM)")
+    flow.add_argument("--method", default=None, help="euler | heun (flows), ddpm | ddim (DiffWave)")
+    flow.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale w (default: 1 = off)")
+    flow.add_argument("--label", type=int, nargs="+", default=None, help="class labels, cycled over the samples")
+    flow.add_argument("--prompt", nargs="+", default=None, help="text prompts, cycled over the samples")
+    flow.add_argument("--embedding", default=None, metavar="FILE", help="(N, d) user embeddings (.npy or .pt)")
+    flow.add_argument("--vocoder", default=None, metavar="DIR", help="WaveFlow vocoder of a mel-space model")
+
+
+_FLOW_FLAGS = ("steps", "method", "cfg", "label", "prompt", "embedding", "vocoder")
+
+
+def _run_flow_generate(args: argparse.Namespace) -> int:
+    """`sashimi generate` of a rectified-flow or DiffWave model (routed by the checkpoint's family)."""
+    from .pipelines.flow_files import generate_flow_files
+
+    try:
+        if args.prefix is not None or args.top_k or args.top_p != 1.0 or args.temperature != 1.0:
+            raise ValueError("--prefix, --top-k, --top-p and --temperature apply to autoregressive models, not to "
+                             "a rectified flow or DiffWave")
+        if args.seconds is not None:
+            raise ValueError("--seconds: a rectified flow or DiffWave model makes clips of its training length; "
+                             "leave --seconds out")
+        result, paths = generate_flow_files(
+            args.ckpt, args.out, n=args.n, steps=args.steps, method=args.method,
+            cfg=1.0 if args.cfg is None else args.cfg, labels=args.label, prompts=args.prompt,
+            embedding=args.embedding, vocoder=args.vocoder, seed=args.seed, batch_size=args.batch_size,
+            use_ema=args.use_ema, score=args.score, score_real=args.score_real, real_clips=args.real_clips)
+    except (ValueError, TypeError, OSError, RuntimeError) as e:  # flags, conditions, checkpoints, files
+        print(f"sashimi generate: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("sashimi generate: interrupted; nothing written", file=sys.stderr)
+        return 130
+    s = result.info
+    print(f"wrote {result.n_samples} samples ({result.audio.shape[1] / result.sample_rate:.3f} s at "
+          f"{result.sample_rate} Hz) to {os.path.dirname(paths['index'])}")
+    print(f"speed: {result.real_time_factor:.3f}x real time ({s['method']}, {s['steps']} steps, cfg {s['cfg']:g}, "
+          f"{s['network_evaluations_per_batch']} network calls per batch, {result.seconds:.2f} s)")
+    if paths.get("scores") is not None:
+        from .metrics.cli import format_scores
+
+        print(format_scores(paths["scores"]))
+    print(f"listening page: {paths['index']}")
+    return 0
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    from .pipelines.flow_files import flow_family
     from .pipelines.from_checkpoint import generate_from_checkpoint
     from .pipelines.waveflow import generate_files, is_waveflow_checkpoint
 
+    if flow_family(args.ckpt) is not None:
+        return _run_flow_generate(args)
+    given = [f"--{name}" for name in _FLOW_FLAGS if getattr(args, name) is not None]
+    if given:
+        print(f"sashimi generate: error: {', '.join(given)} apply to rectified-flow and DiffWave models; {args.ckpt} "
+              f"is not one", file=sys.stderr)
+        return 1
+    if args.seconds is None:
+        args.seconds = 4.0
     if is_waveflow_checkpoint(args.ckpt):  # an unconditional WaveFlow: no prompt or token sampling flags
         try:
             if args.prefix is not None or args.top_k or args.top_p != 1.0:

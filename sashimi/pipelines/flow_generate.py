@@ -35,10 +35,19 @@ class FlowGenerationResult:
         """Seconds of audio made per second of wall time, over all samples (> 1: faster than real time)."""
         return self.audio.numel() / self.sample_rate / max(self.seconds, 1e-9)
 
+    @property
+    def samples_per_second(self) -> float:
+        return self.audio.numel() / max(self.seconds, 1e-9)
+
     def summary(self) -> dict:
+        """What samples.json holds (the listening page's layout: settings, throughput, samples)."""
         return {"n_samples": self.n_samples, "sample_rate": self.sample_rate,
                 "seconds_of_audio": self.audio.shape[1] / self.sample_rate, "wall_seconds": self.seconds,
                 "real_time_factor": self.real_time_factor, "settings": self.info,
+                "throughput": {"samples_per_second": self.samples_per_second,
+                               "real_time_factor": self.real_time_factor, "seconds": self.seconds,
+                               "generated_samples": self.audio.numel(),
+                               "path": f"{self.info.get('method')} {self.info.get('steps')}-step"},
                 "samples": [{"index": i, "condition": c} for i, c in enumerate(self.conditions)]}
 
 

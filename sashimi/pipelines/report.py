@@ -116,7 +116,11 @@ def _reference_cards(out_dir: str, references: dict) -> tuple[list[str], list[st
 
 def write_report(out_dir: str, result, info: dict | None = None, title: str = "sashimi samples",
                  stem: str = "sample", scores: dict | None = None, references: dict | None = None) -> dict:
-    """Write sample_000.wav, sample_000.png, ... , samples.json and index.html for a GenerationResult.
+    """Write sample_000.wav, sample_000.png, ... , samples.json and index.html for a generation result.
+
+    result: a GenerationResult, WaveFlowResult or FlowGenerationResult (audio, sample_rate,
+    summary() with "settings", "throughput" and "samples"; a sample's likelihood and condition are
+    shown when its entry has them).
 
     info: extra JSON-able facts shown on the page and stored under "info" in samples.json
     (checkpoint, validation bits/sample, ...). scores: a `sashimi.metrics.score` dict, shown
@@ -128,23 +132,32 @@ def write_report(out_dir: str, result, info: dict | None = None, title: str = "s
     info = dict(info or {})
     rate = result.sample_rate
     summary = result.summary()
-    prefix_seconds = result.prefix_len / rate if result.prefix_len else None
+    prefix_len = getattr(result, "prefix_len", 0)
+    prefix_seconds = prefix_len / rate if prefix_len else None
     wavs, pngs, cards = [], [], []
     for i, entry in enumerate(summary["samples"]):
         wav_name, png_name = f"{stem}_{i:03d}.wav", f"{stem}_{i:03d}.png"
         audio = result.audio[i].numpy()
         save_audio(os.path.join(out_dir, wav_name), audio, rate)
-        label = f"{stem} {i}: {entry['bits_per_sample']:.3f} bits/sample"
+        label = f"{stem} {i}"
+        if entry.get("condition") is not None:
+            label += f" ({entry['condition']})"
+        if entry.get("bits_per_sample") is not None:
+            label += f": {entry['bits_per_sample']:.3f} bits/sample"
         spectrogram_png(os.path.join(out_dir, png_name), audio, rate, title=label, mark_seconds=prefix_seconds)
         wavs.append(os.path.join(out_dir, wav_name))
         pngs.append(os.path.join(out_dir, png_name))
         entry.update({"wav": wav_name, "spectrogram": png_name, "seconds": len(audio) / rate})
+        note = ""
+        if entry.get("log_likelihood_bits") is not None:
+            note = (f'<div class="note">log-likelihood {entry["log_likelihood_bits"]:.1f} bits over '
+                    f'{result.n_generated} generated samples = {entry["bits_per_sample"]:.3f} bits/sample</div>')
+        elif entry.get("condition") is not None:
+            note = f'<div class="note">condition: {html.escape(str(entry["condition"]))}</div>'
         cards.append(
             f'<div class="sample"><h3>{html.escape(wav_name)}</h3>'
             f'<audio controls preload="none" src="{html.escape(wav_name)}"></audio> '
-            f'<a href="{html.escape(wav_name)}">download</a>'
-            f'<div class="note">log-likelihood {entry["log_likelihood_bits"]:.1f} bits over '
-            f'{result.n_generated} generated samples = {entry["bits_per_sample"]:.3f} bits/sample</div>'
+            f'<a href="{html.escape(wav_name)}">download</a>{note}'
             f'<img src="{html.escape(png_name)}" alt="spectrogram of {html.escape(wav_name)}"></div>')
 
     record = {"info": info, **summary}
@@ -160,8 +173,8 @@ def write_report(out_dir: str, result, info: dict | None = None, title: str = "s
              f"({throughput['path']} path, {throughput['generated_samples']:,} samples in "
              f"{throughput['seconds']:.1f} s, model loading excluded)")
     prompt = ""
-    if result.prefix_len:
-        prompt = (f'<p class="note">Each sample starts with the {result.prefix_len / rate:.3f} s prompt '
+    if prefix_len:
+        prompt = (f'<p class="note">Each sample starts with the {prefix_len / rate:.3f} s prompt '
                   f'(dashed line on the spectrogram); the likelihoods count only the generated part.</p>')
     page = (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
