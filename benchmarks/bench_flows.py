@@ -4,9 +4,9 @@ Each case generates --batch clips of --seconds of audio at --rate Hz on --thread
 (float32). The network's cost per evaluation is measured as the median of --repeats forward
 passes of the whole batch (the models taking turns); a case's time is its number of network
 evaluations times that median (the sampler's own arithmetic is negligible beside the network),
-and cases of at most --full-evals evaluations are also run end to end through FlowPipeline (that
-wall time is printed beside it). The sgemm rate of this machine is measured
-in the same run (a 2048^2 float32 matmul, median of 5, before and after the cases) and every
+and cases of at most --full-evals evaluations are also run end to end through FlowPipeline (the
+median of --repeats runs is printed beside it; --full-evals 200 runs every case end to end). The
+sgemm rate of this machine is measured in the same run (a 2048^2 float32 matmul, median of 5, before and after the cases) and every
 case's GFLOP/s is given as a fraction of it.
 
 FLOPs per evaluation: torch.utils.flop_counter on one forward of one clip, times the batch (the
@@ -188,9 +188,11 @@ def main(argv=None) -> int:
         model = models[name]
         estimate = per_eval[name] * steps
         measured = None
-        if steps <= args.full_evals:
-            result = FlowPipeline(model)(args.batch, labels=[0], steps=steps, method=method, batch_size=args.batch)
-            measured = result.seconds
+        if steps <= args.full_evals:  # end to end through the pipeline, median of --repeats runs
+            pipe = FlowPipeline(model)
+            measured = statistics.median(
+                pipe(args.batch, labels=[0], steps=steps, method=method, batch_size=args.batch, seed=r).seconds
+                for r in range(args.repeats))
         seconds = estimate
         f = flops[name]
         per_eval_flops = f["matmul"] + f["fft"]
