@@ -43,7 +43,7 @@ def log(message: str) -> None:
 
 def start(name: str, argv: list[str], out: Path) -> tuple[str, subprocess.Popen]:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    logfile = open(out / f"{name}.log", "w")
+    logfile = open(out / f"{name}.log", "a")
     log(f"start {name}: {' '.join(argv)}")
     return name, subprocess.Popen([sys.executable, "-m", "sashimi", *argv], stdout=logfile, stderr=subprocess.STDOUT,
                                   env=env, cwd=str(ROOT))
@@ -60,6 +60,13 @@ def wait(jobs) -> dict:
         if proc.returncode != 0:
             sys.exit(f"{name} failed; see its log")
     return cpu
+
+
+def training_cpu(run: Path) -> float:
+    """The CPU seconds a run trained for (its last.pt: the loop's budget clock, resumed sessions included)."""
+    from sashimi.training.checkpoint import load_checkpoint
+
+    return float(load_checkpoint(str(run / "last.pt"))["elapsed_seconds"])
 
 
 def last_json_line(path: Path) -> dict:
@@ -117,12 +124,14 @@ def main() -> int:
                                          "--n-train", str(args.classifier_clips), "--epochs", "4",
                                          "--threads", str(args.threads)], out))
     for name, preset in (("rf1", args.rf_preset), ("dw", args.dw_preset)):
-        if name not in train_cpu:
+        if name not in train_cpu:  # a run cut short continues (with this budget), else starts over
+            again = "--resume" if (out / name / "last.pt").exists() else "--overwrite"
             jobs.append(start(name, ["train", "--preset", preset, "--data", "builtin", "--out", str(out / name),
-                                     "--overwrite",
+                                     again,
                                      "--lr", str(args.lr), "--warmup-steps", "50", *common, *budget(args.minutes)],
                               out))
-    train_cpu.update({k: v for k, v in wait(jobs).items() if k != "classifier"})
+    wait(jobs)
+    train_cpu.update({name: training_cpu(out / name) for name in ("rf1", "dw")})
     state_file.write_text(json.dumps(train_cpu))
 
     # 2. reflow: pairs from 1-RF, 2-RF on them
@@ -130,7 +139,8 @@ def main() -> int:
         job = start("rf2", ["reflow", "--model", str(out / "rf1"), "--pairs-out", str(out / "pairs"), "--pairs",
                             str(args.pairs), "--steps", "24", "--out", str(out / "rf2"), "--overwrite", "--lr", "1e-3",
                             "--warmup-steps", "20", *common, *budget(args.reflow_minutes)], out)
-        train_cpu.update(wait([job]))
+        wait([job])
+        train_cpu["rf2"] = training_cpu(out / "rf2")
         state_file.write_text(json.dumps(train_cpu))
     reflow_report = last_json_line(out / "rf2.log")
 
@@ -139,7 +149,8 @@ def main() -> int:
         job = start("distilled", ["distill", "--model", str(out / "rf2"), "--pairs", str(out / "pairs"),
                                   "--out", str(out / "distilled"), "--overwrite", "--lr", "1e-3",
                                   "--warmup-steps", "20", *common, *budget(args.distill_minutes)], out)
-        train_cpu.update(wait([job]))
+        wait([job])
+        train_cpu["distilled"] = training_cpu(out / "distilled")
         state_file.write_text(json.dumps(train_cpu))
     distill_report = last_json_line(out / "distilled.log")
 
