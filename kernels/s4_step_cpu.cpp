@@ -80,7 +80,8 @@ class Layer {
 
   // The call path of FFTConv.step / S4Block.step: (y, next state), or None when this layer cannot serve
   // the call as packed (an attribute or parameter changed, input or state not float32 / complex64 of
-  // the right shape, autograd recording): the caller then takes the checked path. threads 0: the policy.
+  // the right shape, autograd recording): the caller then takes the checked path. threads 0: the policy
+  // of s4lib.fused_step.default_threads (1 below 8 rows).
   // The DPLR auxiliaries are kept for the state the layer returned last, while it is passed back unchanged.
   py::object fast_step(py::handle x_obj, py::handle state_obj, int64_t threads) {
     for (const auto& [dict, key, obj] : entries_) {
@@ -107,8 +108,9 @@ class Layer {
       if (!aux_.defined() || aux_.size(0) != B) aux_ = at::empty({B, H_, 2 * ssm_.rank}, x.options());
       have_aux = last_.defined() && state.is_same(last_) && !state.is_inference() && state._version() == last_version_;
     }
-    if (threads <= 0)
-      threads = work_ * std::min<int64_t>(std::max<int64_t>(B, 1), 8) >= split_bytes_ ? at::get_num_threads() : 1;
+    if (threads <= 0)  // the policy of s4lib.fused_step.default_threads
+      threads = B >= kSplitBatch && work_ * kSplitBatch >= split_bytes_
+                    ? std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B / 4)) : 1;
     std::tuple<at::Tensor, at::Tensor> out;
     {
       py::gil_scoped_release nogil;
@@ -192,6 +194,7 @@ class Layer {
   std::vector<std::pair<int64_t, const void*>> marks_;
   int64_t split_bytes_ = 1, work_ = 0;
   at::Tensor aux_, last_;
+  static constexpr int64_t kSplitBatch = 8;  // s4lib.fused_step.SPLIT_BATCH
   int64_t last_version_ = 0;
 
   static std::pair<int64_t, const void*> mark(const at::Tensor& t) {

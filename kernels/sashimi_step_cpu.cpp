@@ -87,10 +87,10 @@ class Engine : public EngineModel {
     advance_phases(1);
   }
 
-  // Threads for step() and generate() (0: torch's count) and the way they split a step: 0 = columns
-  // below kColumnsBelow rows, else rows; 1 = rows; 2 = columns.
+  // Threads for step() and generate() (0: torch's count; -T: 1 or T, timed, see dispatch) and the way
+  // they split a step: 0 = columns below kColumnsBelow rows, else rows; 1 = rows; 2 = columns.
   void set_threads(int64_t threads, int64_t split) {
-    TORCH_CHECK(threads >= 0 && split >= 0 && split <= 2, "sashimi_step: bad thread settings");
+    TORCH_CHECK(split >= 0 && split <= 2, "sashimi_step: bad thread settings");
     threads_ = threads, split_ = split;
   }
 
@@ -178,11 +178,15 @@ class Engine : public EngineModel {
     int64_t* tok_out = tokens.data_ptr<int64_t>();
     double* lp_out = logprobs.data_ptr<double>();
     std::vector<int64_t> current(first_tok, first_tok + B_);  // the next input of every row
+    // in chunks of steps: the thread count may change between them (tuner), never the result
+    const int64_t chunk = threads_ < 0 ? 64 : n;
+    for (int64_t t0 = 0; t0 < n; t0 += chunk) {
+    const int64_t t1 = std::min(n, t0 + chunk);
     dispatch(threads_, [&](int64_t r0, int64_t R, const Part& part) {
       std::vector<int64_t> phase = phase_;
       SampleScratch scratch;
       const auto [s0, s1] = part.range(R);  // the rows this member samples
-      for (int64_t t = 0; t < n; ++t) {
+      for (int64_t t = t0; t < t1; ++t) {
         forward_rows(current.data() + r0, r0, R, phase.data(), part);
         part.sync();  // every member's logits panels are written
         for (int64_t r = s0; r < s1; ++r) {
@@ -196,14 +200,16 @@ class Engine : public EngineModel {
         }
         part.sync();  // every row's token is chosen before the next step reads the embeddings
       }
-    });
-    advance_phases(n);
+    }, t1 - t0);
+    advance_phases(t1 - t0);
+    }
   }
 
  private:
   StateDict dict_;
   std::vector<LevelMemory> memory_;
   int64_t threads_ = 0, split_ = 0;  // set_threads
+  ThreadTuner tuner_;
 
   // f(r0, R) on contiguous slices of rows, one per thread (threads < 1: torch's thread count).
   template <class F>
@@ -221,11 +227,21 @@ class Engine : public EngineModel {
     });
   }
 
-  // f(r0, R, part) with `threads` threads (< 1: torch's count), split by rows or by columns (set_threads).
+  // f(r0, R, part) with `threads` threads (0: torch's count; -T: T, and when T threads would split
+  // columns, 1 or T, whichever the tuner finds faster; `units` steps per call), split by rows or by
+  // columns (set_threads).
   template <class F>
-  void dispatch(int64_t threads, const F& f) {
+  void dispatch(int64_t threads, const F& f, int64_t units = 1) {
+    if (threads < 0 && !splits_columns(-threads)) threads = -threads;  // rows: one barrier per call, no tuning
+    if (threads < 0) {
+      const int64_t T = tuner_.pick((int)std::min<int64_t>(kMaxMembers, -threads));
+      const double start = seconds_now();
+      dispatch(T, f);
+      tuner_.record((int)T, (seconds_now() - start) / (double)std::max<int64_t>(units, 1));
+      return;
+    }
     const int64_t T = std::min<int64_t>(kMaxMembers, std::max<int64_t>(1, threads > 0 ? threads : at::get_num_threads()));
-    const bool columns = T > 1 && (split_ == 2 || (split_ == 0 && B_ < kColumnsBelow));
+    const bool columns = splits_columns(T);
     if (!columns) {
       parallel_rows([&](int64_t r0, int64_t R) {
         FlushDenormals flush;
@@ -247,6 +263,8 @@ class Engine : public EngineModel {
       }
     }
   }
+
+  bool splits_columns(int64_t T) const { return T > 1 && (split_ == 2 || (split_ == 0 && B_ < kColumnsBelow)); }
 
   // This member's columns [c0, c1) of a padded width Hp (whole VL panels).
   static std::pair<int64_t, int64_t> columns(const Part& part, int64_t Hp) {

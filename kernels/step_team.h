@@ -195,3 +195,40 @@ inline void Part::sync() const {
 }
 
 }  // namespace s4step
+
+namespace s4step {
+
+// Picks between one thread and a team of T for a repeated call, by timing both: results do not depend
+// on the choice, only the speed does, and on a shared machine the faster one can change (a partner
+// thread that is descheduled makes every barrier wait). Each call reports its wall time per unit of
+// work; the tuner keeps a running mean per choice, starts by trying both, and keeps trying the
+// other choice on 1 call in 32 so that it follows a change of load.
+class ThreadTuner {
+ public:
+  // The thread count for the next call: 1 or T (T <= 1: 1).
+  int pick(int T) {
+    if (T <= 1) return 1;
+    ++calls_;
+    int which;
+    if (seen_[0] < 3 || seen_[1] < 3) which = calls_ & 1;                       // both, alternately, first
+    else which = mean_[1] < mean_[0] ? 1 : 0;
+    if (calls_ % 32 == 0) which ^= 1;                                            // keep sampling the other
+    return which ? T : 1;
+  }
+
+  void record(int threads, double seconds_per_unit) {
+    const int which = threads > 1 ? 1 : 0;
+    mean_[which] = seen_[which] == 0 ? seconds_per_unit : 0.8 * mean_[which] + 0.2 * seconds_per_unit;
+    ++seen_[which];
+  }
+
+ private:
+  double mean_[2] = {0, 0};
+  int64_t seen_[2] = {0, 0}, calls_ = 0;
+};
+
+static inline double seconds_now() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+}  // namespace s4step

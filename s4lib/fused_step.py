@@ -27,11 +27,13 @@ Threads: the members of a persistent native team split each step's work by colum
 channels and the output linear's panels, one barrier between; kernels/step_team.h), so the
 parameters each core streams are halved with two threads, at any batch size; every output is
 computed by the same operations whatever the count (results are bitwise independent of it).
-`default_threads(batch, work)` = torch.get_num_threads() when the step streams at least
-SPLIT_BYTES of parameters per row-batch (`work` bytes times the batch), else 1 (below that a
-step is a few microseconds, about what the barriers cost). `step_threads(n)` (a context
-manager) fixes the count for both paths: the fused step uses n, and torch runs the eager step
-with n threads (torch.set_num_threads, restored on exit).
+`default_threads(batch, work)` = 1 below SPLIT_BATCH (8) rows or when the step streams less than
+SPLIT_BYTES / 8 of parameters, else min(torch.get_num_threads(), batch // 4). One thread at small
+batches because a step called from Python is tens of microseconds: on a shared machine a partner
+thread that is descheduled for a moment makes a split step's barrier wait far longer than the
+split saves (measured: docs/benchmarks.md). `step_threads(n)` (a context manager) fixes the count
+for both paths: the fused step uses n (so step_threads(2) splits a batch-1 step over two cores),
+and torch runs the eager step with n threads (torch.set_num_threads, restored on exit).
 """
 
 from __future__ import annotations
@@ -111,7 +113,8 @@ def fused_status() -> tuple[bool, str]:
 _local = threading.local()
 
 
-SPLIT_BYTES = 256 * 1024  # parameters streamed per step above which a step is split across threads
+SPLIT_BYTES = 256 * 1024  # parameters a step streams per row (times the batch) below which it is not split
+SPLIT_BATCH = 8  # below this many rows a step called from Python runs on one thread by default
 
 
 def default_threads(batch: int, work: int = 0) -> int:
@@ -121,9 +124,14 @@ def default_threads(batch: int, work: int = 0) -> int:
     if override is not None:
         return override
     threads = torch.get_num_threads()
-    if threads <= 1 or work * max(1, min(batch, 8)) < SPLIT_BYTES:
+    if threads <= 1 or batch < SPLIT_BATCH or work * SPLIT_BATCH < SPLIT_BYTES:
         return 1
-    return threads
+    return max(1, min(threads, batch // 4))
+
+
+def threads_override() -> int | None:
+    """n inside step_threads(n), else None."""
+    return getattr(_local, "threads", None)
 
 
 @contextlib.contextmanager

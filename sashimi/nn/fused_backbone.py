@@ -242,8 +242,12 @@ class BackboneEngine:
     SPLITS = ("auto", "rows", "columns")
 
     def threads(self) -> int:
-        """Threads a step of this engine uses now (s4lib.fused_step.default_threads, or step_threads(n))."""
+        """Threads a step of this engine may use now (s4lib.fused_step.default_threads, or step_threads(n))."""
         return s4_fused.default_threads(self.batch_size, self.work)
+
+    def _thread_arg(self) -> int:
+        """The engine's thread argument for SaShiMi.step: step_threads(n)'s n, else the policy's count."""
+        return self.threads()
 
     def set_split(self, split: str) -> None:
         """How threads share a step: 'auto' (columns below 8 rows, else rows), 'rows' (each thread a
@@ -422,10 +426,10 @@ def backbone_step(backbone, x, state):
                 engine, reason = _rebuild(backbone, x.shape[0])
                 if reason is not None:
                     break
-            y, status = engine._engine.step_dict(x, state, engine.threads(), False)
+            y, status = engine._engine.step_dict(x, state, engine._thread_arg(), False)
             if status == 1:  # not the dict this engine returned last: load it (checks it), then step
                 engine.set_state(state)
-                y, status = engine._engine.step_dict(x, state, engine.threads(), True)
+                y, status = engine._engine.step_dict(x, state, engine._thread_arg(), True)
             if status == 0:
                 return y, state
             engine, reason = None, "a parameter changed while the engine was rebuilt"  # status 2

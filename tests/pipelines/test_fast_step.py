@@ -482,3 +482,25 @@ def test_float16_weights_stay_within_their_tolerance(B):
     print(f"float16 weights, batch {B}: worst relative logit error {worst:.2e} over {steps_} steps")
     with pytest.raises(ValueError, match="weights"):
         FastStepper(model, B, weights="bfloat16")
+
+
+def test_tuned_default_threads_give_the_one_thread_result():
+    """With torch given 2 threads a large enough model steps on 1 or 2 threads, as timing finds faster,
+    chunk by chunk of the sampling loop: the tokens are those of one thread."""
+    model = make_model("sc09-2layer", "dplr", trained=False, seed=91)
+    model.setup_step()
+    uniforms = torch.rand(1, 700, generator=torch.Generator().manual_seed(92), dtype=torch.float64)
+    first = torch.tensor([128])
+    with s4lib.step_threads(1):
+        expected = FastStepper(model, 1).generate(first, uniforms, top_p=0.95)
+    with _torch_threads(2):
+        stepper = FastStepper(model, 1)
+        assert stepper._thread_arg() == -2  # 1 or 2 threads, as the engine's timing finds faster
+        got = stepper.generate(first, uniforms, top_p=0.95)
+        logits = [stepper.step(got[0][:, -1]) for _ in range(40)]
+    with s4lib.step_threads(1):
+        one = FastStepper(model, 1)
+        one.generate(first, uniforms, top_p=0.95)
+        expected_logits = [one.step(got[0][:, -1]) for _ in range(40)]
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    assert all(torch.equal(a, b) for a, b in zip(logits, expected_logits))

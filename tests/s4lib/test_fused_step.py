@@ -135,10 +135,30 @@ def test_results_do_not_depend_on_the_thread_count(mode, batch, final_act):
     assert rel(results[0][0], y_e) <= TOL and rel(results[0][1], s_e) <= TOL
 
 
+def test_default_threads_at_batch_one_give_the_one_thread_result():
+    """A large layer with torch given 2 threads steps on one thread by default at batch 1 (the policy),
+    and its outputs are those of step_threads(1)."""
+    block = make_block("dplr", 256, 64)
+    block.setup_step()
+    x = torch.randn(1, 120, 256)
+    with torch.no_grad():
+        with s4lib.step_threads(1):
+            expected = run_steps(block, x, block.default_state(1), "fused")
+        before = torch.get_num_threads()
+        torch.set_num_threads(2)
+        try:
+            assert fused_step.default_threads(1, work=10 * fused_step.SPLIT_BYTES) == 1
+            got = run_steps(block, x, block.default_state(1), "fused")
+        finally:
+            torch.set_num_threads(before)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
 def test_thread_policy_and_context():
     before = torch.get_num_threads()
     assert fused_step.default_threads(1) == 1  # a step of nothing: not worth a barrier
-    assert fused_step.default_threads(1, work=fused_step.SPLIT_BYTES) == max(1, before)  # a big step: split
+    assert fused_step.default_threads(1, work=fused_step.SPLIT_BYTES) == 1  # batch 1: one thread
+    assert fused_step.default_threads(8, work=fused_step.SPLIT_BYTES) == max(1, min(before, 2))  # rows: split
     with s4lib.step_threads(2):
         assert torch.get_num_threads() == 2 and fused_step.default_threads(1) == 2
         with s4lib.step_threads(1):
