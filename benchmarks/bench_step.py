@@ -36,28 +36,14 @@ from sashimi import build_model  # noqa: E402
 from sashimi.nn.backbone import SaShiMi  # noqa: E402
 from sashimi.pipelines.fast_step import FastStepper  # noqa: E402
 from sashimi.pipelines.sampling import sample  # noqa: E402
-
-
-def sgemm_gflops(n=512, repeats=20) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        torch.mm(a, b)
-        times.append(time.perf_counter() - t)
-    return 2 * n**3 / statistics.median(times) / 1e9
+from _timing import sgemm_gflops, time_runs  # noqa: E402  (benchmarks/_timing.py)
 
 
 def timed(run, repeats):
-    """(median wall rate, median CPU rate) of run() -> number of steps."""
-    walls, cpus = [], []
-    for _ in range(repeats):
-        w, c = time.perf_counter(), time.process_time()
-        n = run()
-        walls.append(n / (time.perf_counter() - w))
-        cpus.append(n / max(time.process_time() - c, 1e-9))
-    return statistics.median(walls), statistics.median(cpus)
+    """(median wall rate, median CPU rate) of run() -> number of steps (run is warmed up already)."""
+    runs = time_runs(run, repeats, warmup=0)
+    n = runs.result
+    return statistics.median(n / w for w in runs.wall), statistics.median(n / max(c, 1e-9) for c in runs.cpu)
 
 
 def module_runner(module, x, steps, backend):
@@ -111,7 +97,7 @@ def main():
         args.steps, args.repeats = 1000, 3
     default_threads = torch.get_num_threads()
     load_start = os.getloadavg()
-    gflops = sgemm_gflops()
+    gflops = sgemm_gflops(512, 20)
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"torch threads {default_threads}; load average {load_start[0]:.1f} at start; sgemm 512^3 "
           f"{gflops:.0f} GFLOP/s; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
