@@ -157,6 +157,21 @@ def test_non_finite_hyperparameters_are_rejected(tmp_path, field, value):
         small(tmp_path, **{field: value}).check()
 
 
+def test_a_learning_rate_beyond_float32_is_one_line_before_training(tmp_path, capsys):
+    assert main(["train", *cli_args(small(tmp_path, max_steps=1, lr=1e39))]) == 1
+    one_line_error(capsys.readouterr().err, "lr must be at most 3.403e+38", "1e+39")
+    assert not os.path.exists(tmp_path / "last.pt")
+
+
+def test_a_huge_finite_learning_rate_stops_in_one_line_without_a_traceback(tmp_path, capsys):
+    """lr 1e38 passes the check, but AdamW's first update overflows float32 inside torch: each step is undone."""
+    cfg = small(tmp_path, lr=1e38, warmup_steps=0, max_steps=5, max_nonfinite=2, val_every=100)
+    assert main(["train", *cli_args(cfg)]) == 1
+    one_line_error(capsys.readouterr().err, "2 consecutive steps had a non-finite loss, gradient or updated weights")
+    for path in glob.glob(str(tmp_path / "*.pt")):
+        assert finite(load_checkpoint(path)["model"]), path
+
+
 def poison_updates(monkeypatch, steps):
     """After AdamW's update number k (0-based) for k in steps, one weight becomes NaN (as an overflowing update
     would make it): finite loss and gradient, non-finite weights."""
