@@ -40,17 +40,7 @@ from sashimi import build_model  # noqa: E402
 from sashimi.nn.backbone import SaShiMi  # noqa: E402
 from sashimi.pipelines.fast_step import FastStepper  # noqa: E402
 from sashimi.pipelines.sampling import sample  # noqa: E402
-
-
-def sgemm_gflops(n=512, repeats=20) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        torch.mm(a, b)
-        times.append(time.perf_counter() - t)
-    return 2 * n**3 / statistics.median(times) / 1e9
+from _timing import sgemm_gflops  # noqa: E402  (benchmarks/_timing.py)
 
 
 def timed_interleaved(runs, repeats):
@@ -125,7 +115,7 @@ def main():
         args.steps, args.repeats = 1000, 3
     default_threads = torch.get_num_threads()
     load_start = os.getloadavg()
-    gflops = sgemm_gflops()
+    gflops = sgemm_gflops(512, 20)
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"torch threads {default_threads}; load average {load_start[0]:.1f} at start; sgemm 512^3 "
           f"{gflops:.0f} GFLOP/s; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")

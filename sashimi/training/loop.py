@@ -51,6 +51,8 @@ from .schedule import LRSchedule
 
 __all__ = ["TrainConfig", "train", "NonFiniteLossError", "parse_duration"]
 
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
 CHECKPOINT_AUTO_BYTES = 2e9  # checkpointing='auto' turns on above this estimate (the model's activation_bytes)
 
 
@@ -131,6 +133,9 @@ class TrainConfig:
         if self.max_time is not None:
             parse_duration(self.max_time)
         check_number("lr", self.lr, 0, low_open=True)
+        if self.lr > FLOAT32_MAX:  # AdamW could not represent the rate; huge rates below it meet StepGuard
+            raise ValueError(f"lr must be at most {FLOAT32_MAX:.4g} (the largest float32, the precision of the "
+                             f"weights it updates), got {self.lr!r}")
         check_number("weight_decay", self.weight_decay, 0)
         check_number("grad_clip", self.grad_clip, 0)
         check_number("min_lr_ratio", self.min_lr_ratio, 0, 1)
