@@ -494,6 +494,7 @@ def _loop(run: Run) -> dict:
     budget = cfg.max_seconds
     run.t_start, run.lr_now, status = time.time(), cfg.lr, "finished"
     consecutive_nonfinite, window, step_seconds, pause_seconds = 0, Window(), 0.0, 0.0
+    schedule_clock = 0.0  # never runs backwards: a step faster than the last must not raise the rate again
     desc = "train" if budget is None else f"train (budget {cfg.max_time})"
     bar = progress(total=cfg.max_steps, initial=position.step, desc=desc, disable=not (procs.is_main and cfg.progress))
     run.step_module.train()
@@ -502,7 +503,8 @@ def _loop(run: Run) -> dict:
             t_step = time.time()
             # with a time budget the schedule's clock runs ahead by what the end of the run needs (a step, the
             # final validation and checkpoint), so the last step is the decayed one
-            lr_factor = run.schedule.factor(position.step, run.seconds() + step_seconds + pause_seconds)
+            schedule_clock = max(schedule_clock, run.seconds() + step_seconds + pause_seconds)
+            lr_factor = run.schedule.factor(position.step, schedule_clock)
             for group in run.optimizer.param_groups:
                 group["lr"] = group["initial_lr"] * lr_factor
             run.lr_now = cfg.lr * lr_factor
