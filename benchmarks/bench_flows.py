@@ -36,17 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sashimi.models import diffwave, rectified_flow  # noqa: E402
 from sashimi.pipelines.flow_generate import FlowPipeline  # noqa: E402
 from s4lib.fftconv import FFTConv  # noqa: E402
-
-
-def sgemm_gflops(threads: int, n: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        times.append(time.perf_counter() - start)
-    return 2 * n**3 / statistics.median(times) / 1e9
+from _timing import sgemm_gflops  # noqa: E402  (benchmarks/_timing.py)
 
 
 def fft_flops(model, batch: int, length: int) -> float:
@@ -170,16 +160,16 @@ def main(argv=None) -> int:
         cases.insert(1, ("rf-sc09", "euler", 1))
 
     if args.mel_only:
-        peak_before = sgemm_gflops(args.threads)
+        peak_before = sgemm_gflops()
         m = mel_case(args.batch, args.repeats)
-        peak_after = sgemm_gflops(args.threads)
+        peak_after = sgemm_gflops()
         load = os.getloadavg()
         print(f"# bench_flows --mel-only: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
               f"threads={args.threads}, batch={args.batch}, load {load[0]:.1f}/{load[1]:.1f}, "
               f"sgemm {peak_before:.1f} / {peak_after:.1f} GFLOP/s (before/after)")
         _print_mel(m)
         return 0
-    peak_before = sgemm_gflops(args.threads)
+    peak_before = sgemm_gflops()
     mel = mel_case(args.batch, args.repeats) if args.mel else None
     per_eval = time_forwards(models, args.batch, args.repeats)
     flops = {name: network_flops(model, args.batch) for name, model in models.items()}
@@ -201,7 +191,7 @@ def main(argv=None) -> int:
                      "rtf": args.batch * length / args.rate / seconds,
                      "flops_per_audio_second": steps * per_eval_flops / (args.batch * length / args.rate),
                      "gflops": per_eval_flops / per_eval[name] / 1e9})
-    peak_after = sgemm_gflops(args.threads)
+    peak_after = sgemm_gflops()
     peak = statistics.median([peak_before, peak_after])
 
     load = os.getloadavg()

@@ -33,7 +33,6 @@ import argparse
 import json
 import math
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -126,15 +125,11 @@ def run_case(case, backend, repeats, threads):
             out = ops.log_vandermonde(v, x, L, backend=backend)
         out.backward(grad_out)
 
-    times, cpu_times = [], []
-    for _ in range(repeats + 1):
-        t0, c0 = time.perf_counter(), time.process_time()
-        step()
-        times.append(time.perf_counter() - t0)
-        cpu_times.append(time.process_time() - c0)
+    from _timing import time_runs  # benchmarks/_timing.py (this script's folder is on sys.path)
+
+    runs = time_runs(step, repeats, warmup=1)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"median_s": statistics.median(times[1:]), "min_s": min(times[1:]),
-            "cpu_s": statistics.median(cpu_times[1:]),
+    return {"median_s": runs.median_s, "min_s": runs.min_s, "cpu_s": runs.cpu_median_s,
             "peak_rss_gb": peak / 2**20, "base_rss_gb": base_rss / 2**20}
 
 

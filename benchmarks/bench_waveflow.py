@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
@@ -29,32 +28,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from sashimi.models.waveflow import PRESETS, WaveFlow  # noqa: E402
 from sashimi.nn.waveflow_fast import inverse_flops_per_sample  # noqa: E402
 from sashimi.objectives.waveflow import waveflow_objective  # noqa: E402
-
-
-def sgemm_gflops(n: int = 2048, repeats: int = 5):
-    """(wall-clock GFLOP/s of the median run, GFLOP per CPU-second of the best run) of an n^3 matmul."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    times, cpu = [], []
-    for _ in range(repeats):
-        t, c = time.perf_counter(), time.process_time()
-        a @ b
-        times.append(time.perf_counter() - t)
-        cpu.append(time.process_time() - c)
-    return 2 * n ** 3 / statistics.median(times) / 1e9, 2 * n ** 3 / min(cpu) / 1e9
+from _timing import sgemm_rates, time_runs  # noqa: E402  (benchmarks/_timing.py)
 
 
 def timed(fn, repeats: int, warmup: bool = True):
-    """(median wall s, best wall s, best CPU s of this process, last output)."""
-    if warmup:
-        fn()  # kernel spectra, allocator
-    times, cpu = [], []
-    for _ in range(repeats):
-        t, c = time.perf_counter(), time.process_time()
-        out = fn()
-        times.append(time.perf_counter() - t)
-        cpu.append(time.process_time() - c)
-    return statistics.median(times), min(times), min(cpu), out
+    """(median wall s, best wall s, best CPU s of this process, last output); the warm-up call builds
+    kernel spectra and fills the allocator."""
+    runs = time_runs(fn, repeats, warmup=int(warmup))
+    return runs.median_s, runs.min_s, runs.cpu_min_s, runs.result
 
 
 def perturbed(model):
@@ -150,7 +131,7 @@ def main():
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     load = os.getloadavg()
-    sgemm = sgemm_gflops()
+    sgemm = sgemm_rates()
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, torch {torch.__version__}, {args.threads} threads, "
           f"load {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; sgemm 2048^3 at start: {sgemm[0]:.1f} GFLOP/s wall, "
           f"{sgemm[1]:.1f} GFLOP per CPU-s")
@@ -161,7 +142,7 @@ def main():
         bench_ours(name, args.modes, args.seconds, args.repeats, args.train_repeats, sgemm)
     if args.l0sg:
         bench_l0sg(args.l0sg, args.modes, args.seconds, args.repeats, args.train_repeats, sgemm)
-    end = sgemm_gflops()
+    end = sgemm_rates()
     load = os.getloadavg()
     print(f"sgemm at end: {end[0]:.1f} GFLOP/s wall, {end[1]:.1f} GFLOP per CPU-s; load {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} "
           f"(percentages above use the start figure)")

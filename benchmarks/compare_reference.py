@@ -18,12 +18,13 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import statistics
 import sys
 import tempfile
 import time
 
 import torch
+
+from _timing import time_runs  # benchmarks/_timing.py
 
 
 def import_reference(path):
@@ -43,13 +44,7 @@ def import_reference(path):
 
 
 def timed(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return time_runs(fn, repeats).median_s
 
 
 def main():

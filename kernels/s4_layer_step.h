@@ -100,17 +100,18 @@ static inline void dplr_aux(const SSM& m, const float* par, const float* x, floa
   }
 }
 
-// Rows [0, R): u (R, ldu) inputs, x_in / x_out (R, H, 2n) states (may be the same memory),
-// aux (R, H, 2 rank) (DPLR; recomputed from x_in first unless have_aux), s (R, lds) outputs
-// act(y + D u) for channels h < H (padding columns of s are not written).
+// Rows [0, R), channels [h0, h1): u (R, ldu) inputs, x_in / x_out (R, H, 2n) states (may be the same
+// memory), aux (R, H, 2 rank) (DPLR; recomputed from x_in first unless have_aux), s (R, lds) outputs
+// act(y + D u) for channels h0 <= h < h1 (padding columns of s are not written). A channel's result
+// does not depend on the range it is computed in (threads split channels in multiples of VL).
 template <int RANK>
 static void ssm_rows_impl(const SSM& m, const float* u, int64_t ldu, const float* x_in, float* x_out, float* aux,
-                          bool have_aux, float* s, int64_t lds, int64_t R) {
+                          bool have_aux, float* s, int64_t lds, int64_t R, int64_t h0, int64_t h1) {
   constexpr int MAXR = RANK > 0 ? RANK : kMaxRank;
   const int64_t H = m.H, np = 2 * m.n, P = m.npad, rank = m.kind == kDiag ? 0 : (RANK > 0 ? RANK : m.rank);
   const int64_t stride = m.planes * P;
   // channels outer, rows inner: a channel's parameters (planes x npad floats) stay in L1 across the rows
-  for (int64_t h = 0; h < H; ++h) {
+  for (int64_t h = h0; h < h1; ++h) {
     for (int64_t r = 0; r < R; ++r) {
       const float* par = m.par + h * stride;
       const float* ch = m.chan + h * m.chans;
@@ -172,8 +173,10 @@ static void ssm_rows_impl(const SSM& m, const float* u, int64_t ldu, const float
       s[r * lds + h] = 2.0f * hsum_tree(y) + ch[0] * uh;
     }
   }
+  const int64_t Hend = h1;
   for (int64_t r = 0; r < R; ++r) {  // activation over each row, vectorised (GELU as in the engine's other layers)
-    float* sr = s + r * lds;
+    float* sr = s + r * lds + h0;
+    const int64_t H = Hend - h0;
     int64_t h = 0;
     if (m.act == kGELU) {
       for (; h + VL <= H; h += VL) vstore(sr + h, vgelu(vload(sr + h)));
@@ -194,13 +197,20 @@ static void ssm_rows_impl(const SSM& m, const float* u, int64_t ldu, const float
 }
 
 static void ssm_rows(const SSM& m, const float* u, int64_t ldu, const float* x_in, float* x_out, float* aux,
-                     bool have_aux, float* s, int64_t lds, int64_t R) {
-  if (m.kind == kDiag) return ssm_rows_impl<0>(m, u, ldu, x_in, x_out, aux, have_aux, s, lds, R);
+                     bool have_aux, float* s, int64_t lds, int64_t R, int64_t h0 = 0, int64_t h1 = -1) {
+  if (h1 < 0) h1 = m.H;
+  if (h1 <= h0) return;
+  if (m.kind == kDiag) return ssm_rows_impl<0>(m, u, ldu, x_in, x_out, aux, have_aux, s, lds, R, h0, h1);
   switch (m.rank) {
-    case 1: return ssm_rows_impl<1>(m, u, ldu, x_in, x_out, aux, have_aux, s, lds, R);
-    case 2: return ssm_rows_impl<2>(m, u, ldu, x_in, x_out, aux, have_aux, s, lds, R);
-    default: return ssm_rows_impl<0>(m, u, ldu, x_in, x_out, aux, have_aux, s, lds, R);
+    case 1: return ssm_rows_impl<1>(m, u, ldu, x_in, x_out, aux, have_aux, s, lds, R, h0, h1);
+    case 2: return ssm_rows_impl<2>(m, u, ldu, x_in, x_out, aux, have_aux, s, lds, R, h0, h1);
+    default: return ssm_rows_impl<0>(m, u, ldu, x_in, x_out, aux, have_aux, s, lds, R, h0, h1);
   }
+}
+
+// The channels [h0, h1) of the panels [p0, p1) of a width-H layer (VL channels per panel).
+static inline std::pair<int64_t, int64_t> panel_channels(std::pair<int64_t, int64_t> panels, int64_t H) {
+  return {std::min(panels.first * VL, H), std::min(panels.second * VL, H)};
 }
 
 // aux of the states x (B rows) for a DPLR layer (after the state was written from outside).
@@ -212,13 +222,16 @@ static void ssm_refresh(const SSM& m, const float* x, float* aux, int64_t B) {
       dplr_aux(m, m.par + h * stride, x + (b * m.H + h) * np, aux + (b * m.H + h) * 2 * m.rank);
 }
 
-// x[r, :H] (+)= a * sigmoid(b) for the GLU halves a = big[r, 0 : Hp), b = big[r, Hp : 2 Hp).
+// x[r, c0 : c1) (+)= a * sigmoid(b) for the GLU halves a = big[r, 0 : Hp), b = big[r, Hp : 2 Hp)
+// (c1 < 0: all Hp columns; c0, c1 multiples of VL).
 template <bool ACC>
-static void glu_rows(const float* big, int64_t ldbig, int64_t Hp, float* x, int64_t ldx, int64_t R) {
+static void glu_rows(const float* big, int64_t ldbig, int64_t Hp, float* x, int64_t ldx, int64_t R, int64_t c0 = 0,
+                     int64_t c1 = -1) {
+  if (c1 < 0) c1 = Hp;
   for (int64_t r = 0; r < R; ++r) {
     const float* a = big + r * ldbig;
     float* xr = x + r * ldx;
-    for (int64_t h = 0; h < Hp; h += VL) {
+    for (int64_t h = c0; h < c1; h += VL) {
       const vf g = vload(a + h) * vsigmoid(vload(a + Hp + h));
       vstore(xr + h, ACC ? vload(xr + h) + g : g);
     }

@@ -14,7 +14,7 @@
 #include <cstring>
 
 #if defined(__x86_64__) || defined(_M_X64)
-#include <xmmintrin.h>
+#include <immintrin.h>
 #endif
 
 namespace s4step {
@@ -123,12 +123,35 @@ struct Scratch {
 // ------------------------------------------------------------------------------------------ GEMM
 struct Linear {
   const float* w = nullptr;  // packed (out / VL, in, VL)
+  const uint16_t* wh = nullptr;  // the same layout in IEEE float16, used instead of w when set (fp32 sums)
   const float* b = nullptr;  // (out,)
   int64_t in = 0, out = 0;   // padded widths
 };
 
+// 16 float16 weights widened to float32 (exactly).
+static inline vf vload_half(const uint16_t* p) {
+#if defined(__AVX512F__)
+  return (vf)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#else
+  vf v;
+  for (int i = 0; i < VL; ++i) {
+    const uint32_t h = p[i], sign = (h & 0x8000u) << 16, e = (h >> 10) & 31u, m = h & 1023u;
+    float f;
+    if (e == 0) f = std::ldexp((float)m, -24);                            // zero, subnormal
+    else if (e == 31) f = m ? NAN : INFINITY;                             // inf, nan
+    else f = std::ldexp((float)(m | 1024u), (int)e - 25);
+    uint32_t bits;
+    std::memcpy(&bits, &f, 4);
+    bits |= sign;
+    std::memcpy(&f, &bits, 4);
+    v[i] = f;
+  }
+  return v;
+#endif
+}
+
 // y[r, j0*VL : (j0+P)*VL] (+)= x[r, :in] W^T + b for R rows: R x P accumulators stay in registers.
-template <int R, int P, bool ACC>
+template <int R, int P, bool ACC, bool HALF = false>
 static inline void gemm_tile(const float* __restrict x, int64_t ldx, const Linear& L, int64_t j0,
                              float* __restrict y, int64_t ldy) {
   vf acc[R][P];
@@ -137,10 +160,11 @@ static inline void gemm_tile(const float* __restrict x, int64_t ldx, const Linea
     for (int r = 0; r < R; ++r) acc[r][p] = ACC ? vload(y + r * ldy + (j0 + p) * VL) + bias : bias;
   }
   const int64_t K = L.in, stride = K * VL;
-  const float* __restrict w = L.w + j0 * stride;
+  const float* __restrict w = HALF ? nullptr : L.w + j0 * stride;
+  const uint16_t* __restrict wh = HALF ? L.wh + j0 * stride : nullptr;
   for (int64_t k = 0; k < K; ++k) {
     vf wv[P];
-    for (int p = 0; p < P; ++p) wv[p] = vload(w + p * stride + k * VL);
+    for (int p = 0; p < P; ++p) wv[p] = HALF ? vload_half(wh + p * stride + k * VL) : vload(w + p * stride + k * VL);
     for (int r = 0; r < R; ++r) {
       const float xr = x[r * ldx + k];
       for (int p = 0; p < P; ++p) acc[r][p] += xr * wv[p];
@@ -150,36 +174,48 @@ static inline void gemm_tile(const float* __restrict x, int64_t ldx, const Linea
     for (int p = 0; p < P; ++p) vstore(y + r * ldy + (j0 + p) * VL, acc[r][p]);
 }
 
-template <int R, bool ACC>
-static void gemm_rows(const float* x, int64_t ldx, const Linear& L, float* y, int64_t ldy) {
+template <int R, bool ACC, bool HALF>
+static void gemm_rows_t(const float* x, int64_t ldx, const Linear& L, float* y, int64_t ldy, int64_t j0,
+                        int64_t panels) {
   constexpr int P = R == 1 ? 8 : (R <= 4 ? 4 : 2);
-  const int64_t panels = L.out / VL;
-  int64_t j = 0;
-  for (; j + P <= panels; j += P) gemm_tile<R, P, ACC>(x, ldx, L, j, y, ldy);
+  int64_t j = j0;
+  for (; j + P <= panels; j += P) gemm_tile<R, P, ACC, HALF>(x, ldx, L, j, y, ldy);
   if constexpr (P > 4) {
-    for (; j + 4 <= panels; j += 4) gemm_tile<R, 4, ACC>(x, ldx, L, j, y, ldy);
+    for (; j + 4 <= panels; j += 4) gemm_tile<R, 4, ACC, HALF>(x, ldx, L, j, y, ldy);
   }
   if constexpr (P > 2) {
-    for (; j + 2 <= panels; j += 2) gemm_tile<R, 2, ACC>(x, ldx, L, j, y, ldy);
+    for (; j + 2 <= panels; j += 2) gemm_tile<R, 2, ACC, HALF>(x, ldx, L, j, y, ldy);
   }
-  for (; j < panels; ++j) gemm_tile<R, 1, ACC>(x, ldx, L, j, y, ldy);
+  for (; j < panels; ++j) gemm_tile<R, 1, ACC, HALF>(x, ldx, L, j, y, ldy);
 }
 
-// y (rows, out) = x (rows, in) W^T + b, or y += ... (ACC). Row strides ldx, ldy.
+template <int R, bool ACC>
+static void gemm_rows(const float* x, int64_t ldx, const Linear& L, float* y, int64_t ldy, int64_t j0,
+                      int64_t panels) {
+  if (L.wh != nullptr) gemm_rows_t<R, ACC, true>(x, ldx, L, y, ldy, j0, panels);
+  else gemm_rows_t<R, ACC, false>(x, ldx, L, y, ldy, j0, panels);
+}
+
+// y (rows, out) = x (rows, in) W^T + b, or y += ... (ACC), for the output panels [p0, p1) (p1 < 0: all).
+// Row strides ldx, ldy. Each output is the same sequence of operations whatever the panel range
+// (bias, then k = 0, 1, ... in order), so splitting the panels between threads changes no result.
 template <bool ACC>
-static void gemm(const float* x, int64_t ldx, int64_t rows, const Linear& L, float* y, int64_t ldy) {
+static void gemm(const float* x, int64_t ldx, int64_t rows, const Linear& L, float* y, int64_t ldy,
+                 int64_t p0 = 0, int64_t p1 = -1) {
+  if (p1 < 0) p1 = L.out / VL;
+  if (p1 <= p0) return;
   for (int64_t r = 0; r < rows; r += 8) {
     const float* xr = x + r * ldx;
     float* yr = y + r * ldy;
     switch (std::min<int64_t>(rows - r, 8)) {
-      case 1: gemm_rows<1, ACC>(xr, ldx, L, yr, ldy); break;
-      case 2: gemm_rows<2, ACC>(xr, ldx, L, yr, ldy); break;
-      case 3: gemm_rows<3, ACC>(xr, ldx, L, yr, ldy); break;
-      case 4: gemm_rows<4, ACC>(xr, ldx, L, yr, ldy); break;
-      case 5: gemm_rows<5, ACC>(xr, ldx, L, yr, ldy); break;
-      case 6: gemm_rows<6, ACC>(xr, ldx, L, yr, ldy); break;
-      case 7: gemm_rows<7, ACC>(xr, ldx, L, yr, ldy); break;
-      default: gemm_rows<8, ACC>(xr, ldx, L, yr, ldy); break;
+      case 1: gemm_rows<1, ACC>(xr, ldx, L, yr, ldy, p0, p1); break;
+      case 2: gemm_rows<2, ACC>(xr, ldx, L, yr, ldy, p0, p1); break;
+      case 3: gemm_rows<3, ACC>(xr, ldx, L, yr, ldy, p0, p1); break;
+      case 4: gemm_rows<4, ACC>(xr, ldx, L, yr, ldy, p0, p1); break;
+      case 5: gemm_rows<5, ACC>(xr, ldx, L, yr, ldy, p0, p1); break;
+      case 6: gemm_rows<6, ACC>(xr, ldx, L, yr, ldy, p0, p1); break;
+      case 7: gemm_rows<7, ACC>(xr, ldx, L, yr, ldy, p0, p1); break;
+      default: gemm_rows<8, ACC>(xr, ldx, L, yr, ldy, p0, p1); break;
     }
   }
 }

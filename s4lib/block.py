@@ -111,8 +111,13 @@ class S4Block(nn.Module):
         The whole block runs as one fused native step when it applies (s4lib.fused_step), else its
         FFTConv steps fused or eager and the output stage runs eagerly; the state format is shared.
         """
+        fused = self.step_backend != "eager" and not torch.compiler.is_compiling()
+        if fused:  # the packed layer checks its own inputs, and declines anything it was not packed for
+            out = fused_step.fast_call(self, x, state)
+            if out is not None:
+                return out
         check_step_args(x, state, self.d_model, self.layer.kernel)
-        if self.step_backend != "eager" and not torch.compiler.is_compiling():
+        if fused:
             out = fused_step.block_step(self, x, state)
             if out is not None:
                 return out

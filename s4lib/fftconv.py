@@ -288,10 +288,15 @@ class FFTConv(nn.Module):
         Runs the fused native step when it applies (s4lib.fused_step: CPU float32, no autograd
         graph, a supported configuration), else this eager step; both read and write the same state.
         """
+        fused = self.step_backend != "eager" and not torch.compiler.is_compiling()
+        if fused:  # the packed layer checks its own inputs, and declines anything it was not packed for
+            out = fused_step.fast_call(self, x, state)
+            if out is not None:
+                return out
         if not hasattr(self.kernel, "_step"):
             raise RuntimeError("call setup_step() before step()")
         check_step_args(x, state, self.d_model, self.kernel)  # before either path
-        if self.step_backend != "eager" and not torch.compiler.is_compiling():
+        if fused:
             out = fused_step.fftconv_step(self, x, state)
             if out is not None:
                 return out

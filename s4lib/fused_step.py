@@ -1,11 +1,14 @@
 """The fused native recurrent step of FFTConv / S4Block, its thread policy, and the shared parameter packing.
 
-`FFTConv.step` and `S4Block.step` call `fftconv_step` / `block_step` here first; these run the
-whole layer step in one C++ call (kernels/s4_step_cpu.cpp, on the S4/S4D step of
-kernels/s4_layer_step.h that sashimi's generator engine uses too) and return None when the
-fused path does not apply, in which case the module runs its eager step (the oracle). The
-fused step reads and writes states in the eager format (complex (B, H, n)), so the two paths
-interchange at any step. It applies when all of these hold:
+`FFTConv.step` and `S4Block.step` call `fast_call` here first: one native call that checks that
+the layer packed for the module still matches it (attributes by identity, parameters by version
+counter and data pointer) and that the call qualifies, and then runs the whole layer step
+(kernels/s4_step_cpu.cpp, on the S4/S4D step of kernels/s4_layer_step.h that sashimi's generator
+engine uses too). Otherwise the module checks its arguments and calls `fftconv_step` /
+`block_step`, which (re)pack the layer or return None when the fused path does not apply, in
+which case the module runs its eager step (the oracle). The fused step reads and writes states
+in the eager format (complex (B, H, n)), so the two paths interchange at any step. It applies
+when all of these hold:
 
 - the native extension builds here (a C++ compiler; see s4lib.ops.native_build);
 - CPU, float32 input, complex64 state, float32 parameters (float64 goes to the eager path);
@@ -20,10 +23,16 @@ interchange at any step. It applies when all of these hold:
 FusedStepUnavailable instead of falling back. `set_step_backend(model, name)` sets it on every
 module of a model that has one (sashimi's SaShiMi backbone has its own fused engine).
 
-Threads: the fused step splits a batch into contiguous slices of rows, one per thread:
-`default_threads(batch)` = 1 below 8 rows (a step of one row is microseconds of work, less than
-waking a second thread costs), then min(torch.get_num_threads(), batch // 4).
-`step_threads(n)` (a context manager) fixes the count for both paths: the fused step uses n,
+Threads: the members of a persistent native team split each step's work by columns (the SSM's
+channels and the output linear's panels, one barrier between; kernels/step_team.h), so the
+parameters each core streams are halved with two threads, at any batch size; every output is
+computed by the same operations whatever the count (results are bitwise independent of it).
+`default_threads(batch, work)` = 1 below SPLIT_BATCH (8) rows or when the step streams less than
+SPLIT_BYTES / 8 of parameters, else min(torch.get_num_threads(), batch // 4). One thread at small
+batches because a step called from Python is tens of microseconds: on a shared machine a partner
+thread that is descheduled for a moment makes a split step's barrier wait far longer than the
+split saves (measured: docs/benchmarks.md). `step_threads(n)` (a context manager) fixes the count
+for both paths: the fused step uses n (so step_threads(2) splits a batch-1 step over two cores),
 and torch runs the eager step with n threads (torch.set_num_threads, restored on exit).
 """
 
@@ -38,11 +47,11 @@ import torch.nn as nn
 from .ops import native_build
 
 __all__ = ["FusedStepUnavailable", "step_threads", "default_threads", "fused_status", "unsupported_reason",
-           "set_step_backend", "pack_ssm", "pack_linear", "ACTIVATIONS", "VECTOR"]
+           "set_step_backend", "pack_ssm", "pack_linear", "fast_call", "ACTIVATIONS", "VECTOR", "SPLIT_BYTES"]
 
 _NAME = "s4lib_step_cpu"
 _SOURCES = ("s4_step_cpu.cpp",)
-_HEADERS = ("step_simd.h", "s4_layer_step.h")
+_HEADERS = ("step_simd.h", "s4_layer_step.h", "step_team.h")
 VECTOR = 16  # floats per vector in the native step (activations are padded to a multiple)
 MAX_RANK = 4
 DIAG, DPLR = 0, 1
@@ -104,14 +113,25 @@ def fused_status() -> tuple[bool, str]:
 _local = threading.local()
 
 
-def default_threads(batch: int) -> int:
-    """Threads the fused step uses for `batch` rows (see the module docstring)."""
+SPLIT_BYTES = 256 * 1024  # parameters a step streams per row (times the batch) below which it is not split
+SPLIT_BATCH = 8  # below this many rows a step called from Python runs on one thread by default
+
+
+def default_threads(batch: int, work: int = 0) -> int:
+    """Threads the fused step uses for `batch` rows of a step that streams `work` bytes of
+    parameters (see the module docstring; inside step_threads(n): n)."""
     override = getattr(_local, "threads", None)
     if override is not None:
         return override
-    if batch < 8:
+    threads = torch.get_num_threads()
+    if threads <= 1 or batch < SPLIT_BATCH or work * SPLIT_BATCH < SPLIT_BYTES:
         return 1
-    return max(1, min(torch.get_num_threads(), batch // 4))
+    return max(1, min(threads, batch // 4))
+
+
+def threads_override() -> int | None:
+    """n inside step_threads(n), else None."""
+    return getattr(_local, "threads", None)
 
 
 @contextlib.contextmanager
@@ -293,39 +313,46 @@ def set_step_backend(model: nn.Module, backend: str) -> nn.Module:
 
 
 # ------------------------------------------------------------------------------------- dispatch
-# Per call, the packed layer is reused when the objects it was packed from are the same (compared
-# by id, looked up through the modules' dicts: nn.Module.__getattr__ costs ~1 us a lookup) and its
-# tensors unchanged (version counter and data pointer).
+# A packed layer watches what it was packed from: the module attributes (dict, key, object: compared
+# by identity in the native call, no nn.Module.__getattr__) and the parameter tensors (version counter
+# and data pointer). Each step first tries the layer's native fast_step, which returns None when
+# anything differs or the call does not qualify (dtype, shape, autograd); the checked path below
+# then gives the reason, refuses, or repacks.
 
 class _Cached:
-    __slots__ = ("native", "reason", "rank", "ids", "objects", "versions", "aux", "last_state", "last_version")
+    __slots__ = ("native", "reason", "rank", "work")
 
-    def __init__(self, objects, tensors, reason=None):
-        self.native, self.reason, self.rank = None, reason, 0
-        self.ids, self.objects, self.versions = tuple(map(id, objects)), objects, _versions(tensors)
-        self.aux = self.last_state = self.last_version = None
+    def __init__(self, reason=None):
+        self.native, self.reason, self.rank, self.work = None, reason, 0, 0
 
 
-def _objects(module, is_block):
-    """(objects the fused step of `module` depends on, tensors among them whose values it packs)."""
+def _watch_list(module, is_block):
+    """((dict, key, object) the fused step of `module` depends on, parameter tensors whose values it packs)."""
+    entries = []
+
+    def add(d, key):
+        entries.append((d, key, d.get(key)))
+        return d.get(key)
+
     if is_block:
-        mods = module._modules
-        conv, out = mods["layer"], mods["output_linear"]
+        out = add(module._modules, "output_linear")
         linear = out if type(out) is nn.Linear else (out._modules.get("0") if type(out) is nn.Sequential else None)
-        params = linear._parameters if linear is not None else {}
-        W, b = params.get("weight"), params.get("bias")
-        extra = (out, linear, W, b, mods["mult_activation"], mods["drop"], module.__dict__["training"])
+        if type(out) is nn.Sequential:
+            add(out._modules, "0")
+            add(out._modules, "1")
+        W = add(linear._parameters, "weight") if linear is not None else None
+        b = add(linear._parameters, "bias") if linear is not None else None
+        add(module._modules, "mult_activation")
+        add(module._modules, "drop")
+        add(module.__dict__, "training")
+        conv = add(module._modules, "layer")
     else:
-        conv, W, b, extra = module, None, None, ()
-    kernel = conv._modules["kernel"]
-    D = conv._parameters["D"]
-    objects = (conv, kernel, kernel.__dict__.get("_step"), conv._modules["activation"], D) + extra
-    return objects, (D, W, b)
-
-
-def _versions(tensors):
-    # parameters made under torch.inference_mode have no version counter (and cannot change outside it)
-    return tuple(None if t is None else ((0 if t.is_inference() else t._version), t.data_ptr()) for t in tensors)
+        conv, W, b = module, None, None
+    kernel = add(conv._modules, "kernel")
+    add(kernel.__dict__, "_step")
+    add(conv._modules, "activation")
+    D = add(conv._parameters, "D")
+    return entries, [t for t in (D, W, b) if t is not None]
 
 
 def _call_reason(x, state, H, n, tensors) -> str | None:
@@ -351,18 +378,19 @@ def _refuse(module, reason):
 _EMPTY = torch.empty(0)
 
 
-def _pack(module, is_block, objects, tensors):
+def _pack(module, is_block):
     """A _Cached for `module` as it is now: its packed native layer, or the reason it has none."""
     reason = unsupported_reason(module)
-    if reason is None and is_block and module.training and getattr(objects[10], "p", 0) > 0:
+    if reason is None and is_block and module.training and getattr(module._modules["drop"], "p", 0) > 0:
         reason = "dropout is active (call model.eval())"
     if reason is not None:
-        return _Cached(objects, tensors, reason)
-    conv = objects[0]
+        return _Cached(reason)
+    conv = module.layer if is_block else module
     try:
         ext = load()
     except FusedStepUnavailable as e:
-        return _Cached(objects, tensors, str(e))
+        return _Cached(str(e))
+    entries, tensors = _watch_list(module, is_block)
     with torch.no_grad():
         kind, rank, n, par, chan = pack_ssm(conv.kernel, conv.D[0])
         out_kind, w, b = OUT_NONE, _EMPTY, _EMPTY
@@ -371,44 +399,51 @@ def _pack(module, is_block, objects, tensors):
             if linear is not None:
                 w, b = pack_linear(linear, out_groups=2 if out_kind == OUT_GLU else 1)
     out_features = module.d_model if is_block else conv.d_model
-    cached = _Cached(objects, tensors)
+    cached = _Cached()
     cached.native = ext.Layer(kind, rank, n, _activation_code(conv.activation), par, chan, out_kind, out_features, w, b)
     cached.rank = rank if kind == DPLR else 0
+    cached.work = 4 * (par.numel() + chan.numel() + w.numel())  # bytes of parameters a step reads
+    cached.native.watch(entries, tensors, SPLIT_BYTES, cached.work)
     return cached
 
 
 def _step(module, is_block, x, state):
-    objects, tensors = _objects(module, is_block)
-    kernel = objects[1]
+    """The checked path: why not, or (re)pack, then the native step."""
+    kernel = (module.layer if is_block else module).kernel
     H, n = kernel.H, kernel.n
+    _, tensors = _watch_list(module, is_block)
     reason = _call_reason(x, state, H, n, tensors)
     if reason is not None:
         return _refuse(module, reason)
-    cached = module.__dict__.get("_fused_cache")
-    if cached is None or cached.ids != tuple(map(id, objects)) or cached.versions != _versions(tensors):
-        cached = module.__dict__["_fused_cache"] = _pack(module, is_block, objects, tensors)
-    if cached.native is None:  # refused, for these very objects
+    out = fast_call(module, x, state)
+    if out is not None:
+        return out
+    cached = module.__dict__["_fused_cache"] = _pack(module, is_block)
+    if cached.native is None:  # refused, for the module as it is now
         return _refuse(module, cached.reason)
-    B = x.shape[0]
-    aux, have_aux = _EMPTY, False
-    if cached.rank:
-        aux = cached.aux
-        if aux is None or aux.shape[0] != B:
-            aux = cached.aux = torch.empty(B, H, 2 * cached.rank, dtype=torch.float32)
-        # the auxiliaries belong to the state this layer returned last, if it is passed back unchanged
-        have_aux = state is cached.last_state and not state.is_inference() and state._version == cached.last_version
-    y, next_state = cached.native.step(x.contiguous(), state.contiguous(), aux, have_aux, default_threads(B))
-    if cached.rank:
-        cached.last_state = next_state
-        cached.last_version = None if next_state.is_inference() else next_state._version
-    return y, next_state
+    out = cached.native.fast_step(x, state, getattr(_local, "threads", None) or 0)
+    if out is None:
+        raise FusedStepUnavailable(f"{type(module).__name__}.step: the fused layer refused a call it was packed "
+                                   "for (please report)")
+    return out
+
+
+def fast_call(module, x, state):
+    """The hot path of FFTConv.step / S4Block.step: (y, next state) from the layer packed for `module`
+    when nothing it was packed from changed and the call qualifies, else None (then the caller checks
+    the arguments and takes fftconv_step / block_step). Needs no argument checks of its own."""
+    cached = module.__dict__.get("_fused_cache")
+    if cached is not None and cached.native is not None:
+        return cached.native.fast_step(x, state, getattr(_local, "threads", None) or 0)
+    return None
 
 
 def fftconv_step(conv, x, state):
-    """FFTConv.step fused: (y (B, H), next state), or None for the eager step."""
+    """FFTConv.step fused (arguments checked): (y (B, H), next state), or None for the eager step."""
     return _step(conv, False, x, state)
 
 
 def block_step(block, x, state):
-    """S4Block.step fused as a whole: (y (B, d_model), next state), or None (the caller falls back)."""
+    """S4Block.step fused as a whole (arguments checked): (y (B, d_model), next state), or None (the
+    caller falls back)."""
     return _step(block, True, x, state)

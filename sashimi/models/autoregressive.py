@@ -21,25 +21,20 @@ from ..nn.backbone import SaShiMi
 from ..nn.norms import BLOCK_NORMS
 from ..objectives.autoregressive import AUTOREGRESSIVE, nll_bits
 from ..checks import check_choice, check_int, check_int_tuple, check_number
-from .config import ConfigMixin
+from .config import ConfigMixin, S4Settings
 from .pretrained import PretrainedMixin
 from .registry import register_family
 
 __all__ = ["ModelConfig", "PRESETS", "WaveformAR", "build_model", "count_parameters", "describe"]
 
-MODES = ("dplr", "diag")
-
 
 @dataclass
-class ModelConfig(ConfigMixin):
+class ModelConfig(ConfigMixin, S4Settings):
     """Everything needed to rebuild a WaveformAR (architecture, S4 settings, audio format).
 
-    The S4 fields go to every S4 layer: mode 'dplr' (S4, with the Hurwitz parameterisation
-    when hurwitz=True) or 'diag' (S4D); init None means the mode's default ('legs' /
-    'diag-lin'); n_ssm None gives every channel its own (A, B); ssm_lr is the learning rate
-    marked on A, B and dt (see s4lib.optim). backend picks the kernel-op backend (None: the
-    S4LIB_BACKEND variable, else 'auto'); it does not change the model. family is the
-    registry key (sashimi.models.registry); configs saved without it are autoregressive.
+    The S4 settings (sashimi.models.config.S4Settings: mode, hurwitz, d_state, n_ssm, init,
+    dt_min, dt_max, ssm_lr, backend) go to every S4 layer. family is the registry key
+    (sashimi.models.registry); configs saved without it are autoregressive.
     """
 
     name: str = "custom"
@@ -52,16 +47,7 @@ class ModelConfig(ConfigMixin):
     dropout: float = 0.0
     prenorm: bool = True
     unet: bool = False  # S4 blocks in the down path too (the causal U-Net of the paper's later model)
-    # S4 layers
-    mode: str = "dplr"
-    hurwitz: bool = True
-    d_state: int = 64
-    n_ssm: int | None = None
-    init: str | None = None
-    dt_min: float = 1e-3
-    dt_max: float = 1e-1
-    ssm_lr: float | None = 1e-3
-    backend: str | None = None
+    # (the S4 layer settings mode ... backend: keyword-only fields from S4Settings)
     # audio
     sample_rate: int = 16000
     sample_len: int = 16000
@@ -70,7 +56,7 @@ class ModelConfig(ConfigMixin):
     # the residual blocks' normalisation: 'layer', or 'scalar' for models imported from the
     # reference's training code (sashimi.from_state_spaces)
     block_norm: str = "layer"
-    # registry key (last, so that positional construction is unchanged)
+    # registry key (the last positional field; the S4 settings are keyword-only)
     family: str = "autoregressive"
 
     def __post_init__(self):
@@ -79,24 +65,17 @@ class ModelConfig(ConfigMixin):
         for name in ("d_model", "n_layers", "expand", "sample_rate", "sample_len"):
             check_int(name, getattr(self, name), 0 if name == "n_layers" else 1)
         check_int("ff", self.ff, 0)
-        check_int("d_state", self.d_state, 2)
-        if self.d_state % 2:
-            raise ValueError(f"d_state must be even (states come in conjugate pairs), got {self.d_state}")
-        check_choice("mode", self.mode, MODES)
+        self.check_s4()
         check_choice("block_norm", self.block_norm, BLOCK_NORMS)
         try:
             self.quantization = quantization_kind(self.quantization)
         except ValueError:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}") from None
         check_int("bits", self.bits, 1, 16)
-        for name in ("prenorm", "unet", "hurwitz"):
+        for name in ("prenorm", "unet"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         check_number("dropout", self.dropout, 0, 1, high_open=True)
-        check_number("dt_min", self.dt_min, 0, low_open=True)
-        check_number("dt_max", self.dt_max, self.dt_min)
-        if not isinstance(self.ssm_lr, dict):  # a dict gives per-parameter rates (see s4lib.optim)
-            check_number("ssm_lr", self.ssm_lr, 0, allow_none=True)
         if self.sample_len % self.stride:
             raise ValueError(f"sample_len={self.sample_len} must be a multiple of prod(pool)={self.stride} "
                              f"(pool={list(self.pool)})")
@@ -118,15 +97,6 @@ class ModelConfig(ConfigMixin):
     def stride(self) -> int:
         """Sequence lengths must be multiples of this (the product of the pooling factors)."""
         return math.prod(self.pool)
-
-    def s4_kwargs(self) -> dict:
-        kwargs = {"mode": self.mode, "d_state": self.d_state, "n_ssm": self.n_ssm, "dt_min": self.dt_min,
-                  "dt_max": self.dt_max, "lr": self.ssm_lr, "backend": self.backend}
-        if self.mode == "dplr":
-            kwargs["hurwitz"] = self.hurwitz
-        if self.init is not None:
-            kwargs["init"] = self.init
-        return kwargs
 
     def to_dict(self) -> dict:
         """JSON-able dict (pool as a list; family, and n_classes for readers, included)."""

@@ -6,8 +6,7 @@ from ..objectives.base import Objective
 from ..objectives.diffwave import diffwave_objective
 from ..objectives.rectified_flow import flow_count
 from .flow_config import FlowConfig
-from .flow_model import FlowModel
-from .registry import register_family
+from .flow_model import FlowModel, register_flow_family
 
 __all__ = ["PRESETS", "DiffWaveModel", "objective", "build"]
 
@@ -34,17 +33,4 @@ class DiffWaveModel(FlowModel):
     objective = objective  # what sashimi.training minimises
 
 
-def build(config="diffwave-tiny", **overrides) -> DiffWaveModel:
-    if isinstance(config, str):
-        if config not in PRESETS:
-            raise ValueError(f"unknown DiffWave preset {config!r}; expected one of {sorted(PRESETS)}")
-        config = PRESETS[config]
-    elif isinstance(config, dict):
-        config = FlowConfig.from_dict(config)
-    config = config.replace(**overrides)
-    if config.family != "diffwave":
-        raise ValueError(f"a {config.family!r} config is not a DiffWave config")
-    return DiffWaveModel(config)
-
-
-register_family("diffwave", FlowConfig, DiffWaveModel, PRESETS)
+build = register_flow_family("diffwave", DiffWaveModel, PRESETS, "diffwave-tiny", "DiffWave", "a DiffWave config")

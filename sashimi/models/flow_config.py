@@ -6,6 +6,8 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from .config import S4Settings
+
 __all__ = ["FlowConfig", "SPACES", "CONDITIONS", "STAGES"]
 
 SPACES = ("waveform", "mel")
@@ -19,7 +21,7 @@ def _check_int(name, value, low=1):
 
 
 @dataclass
-class FlowConfig:
+class FlowConfig(S4Settings):
     """Everything needed to rebuild a FlowModel. `family` picks the objective and the samplers.
 
     space: 'waveform' (the network runs over raw samples, one channel) or 'mel' (over log-mel
@@ -27,6 +29,7 @@ class FlowConfig:
     (n_classes ids plus a learned null id), 'text' (short prompts through a small trainable text
     encoder) or 'embedding' (a user tensor of d_condition features per clip). p_uncond: the
     probability of dropping the condition in training (classifier-free guidance needs > 0).
+    The S4 settings (sashimi.models.config.S4Settings) go to every S4 layer of the U-Net.
     """
 
     name: str = "custom"
@@ -41,16 +44,7 @@ class FlowConfig:
     dropout: float = 0.0
     d_sinusoid: int = 128
     d_embed: int = 512
-    # S4 layers
-    mode: str = "dplr"
-    hurwitz: bool = True
-    d_state: int = 64
-    n_ssm: int | None = None
-    init: str | None = None
-    dt_min: float = 1e-3
-    dt_max: float = 1e-1
-    ssm_lr: float | None = 1e-3
-    backend: str | None = None
+    # (the S4 layer settings mode ... backend: keyword-only fields from S4Settings)
     # conditioning
     condition: str = "label"
     n_classes: int = 10
@@ -92,7 +86,7 @@ class FlowConfig:
             _check_int(name, getattr(self, name))
         _check_int("n_layers", self.n_layers, 0)
         _check_int("ff", self.ff, 0)
-        _check_int("d_state", self.d_state, 2)
+        self.check_s4()
         if any(isinstance(p, bool) or not isinstance(p, int) or p < 1 for p in self.pool):
             raise ValueError(f"pool must be a list of ints >= 1, got {list(self.pool)!r}")
         if self.condition == "label":
@@ -118,15 +112,6 @@ class FlowConfig:
     def frames(self) -> int:
         """The length of the sequence the network sees (samples, or mel frames)."""
         return self.sample_len if self.space == "waveform" else self.sample_len // self.hop_length
-
-    def s4_kwargs(self) -> dict:
-        kwargs = {"mode": self.mode, "d_state": self.d_state, "n_ssm": self.n_ssm, "dt_min": self.dt_min,
-                  "dt_max": self.dt_max, "lr": self.ssm_lr, "backend": self.backend}
-        if self.mode == "dplr":
-            kwargs["hurwitz"] = self.hurwitz
-        if self.init is not None:
-            kwargs["init"] = self.init
-        return kwargs
 
     def replace(self, **changes) -> "FlowConfig":
         return dataclasses.replace(self, **changes)

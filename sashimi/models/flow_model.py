@@ -16,8 +16,9 @@ from sashimi.nn.flow_unet import FlowUNet
 from sashimi.nn.text_encoder import TextEncoder
 from .flow_config import FlowConfig
 from .pretrained import PretrainedMixin
+from .registry import register_family
 
-__all__ = ["FlowModel"]
+__all__ = ["FlowModel", "register_flow_family"]
 
 
 class FlowModel(PretrainedMixin, nn.Module):
@@ -175,3 +176,29 @@ class FlowModel(PretrainedMixin, nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return f"family={self.config.family}, space={self.config.space}, condition={self.config.condition}, " \
                f"params={n / 1e6:.2f}M"
+
+
+def register_flow_family(family: str, model_cls: type, presets: dict, default: str, title: str, noun: str):
+    """Register a FlowConfig family and return its `build(config=default, **overrides)`.
+
+    title names the presets in errors ('DiffWave'), noun what a config of another family is not.
+    """
+    if not issubclass(model_cls, FlowModel):
+        raise TypeError(f"family {family!r}: {model_cls.__name__} is not a FlowModel")
+
+    def build(config=default, **overrides) -> FlowModel:
+        if isinstance(config, str):
+            if config not in presets:
+                raise ValueError(f"unknown {title} preset {config!r}; expected one of {sorted(presets)}")
+            config = presets[config]
+        elif isinstance(config, dict):
+            config = FlowConfig.from_dict(config)
+        config = config.replace(**overrides)
+        if config.family != family:
+            raise ValueError(f"a {config.family!r} config is not {noun}")
+        return model_cls(config)
+
+    build.__doc__ = f"A fresh {model_cls.__name__} from a {title} preset name, a config dict or a FlowConfig."
+    build.__qualname__ = build.__name__ = "build"
+    register_family(family, FlowConfig, model_cls, presets)
+    return build

@@ -6,8 +6,7 @@ from ..objectives.base import Objective
 from ..objectives.distill import distillation_objective
 from ..objectives.rectified_flow import flow_count, rectified_flow_objective
 from .flow_config import FlowConfig
-from .flow_model import FlowModel
-from .registry import register_family
+from .flow_model import FlowModel, register_flow_family
 
 __all__ = ["PRESETS", "FlowConfig", "RectifiedFlowModel", "objective", "build", "reflow_config", "distill_config"]
 
@@ -56,17 +55,5 @@ def distill_config(config: FlowConfig) -> FlowConfig:
     return config.replace(stage="distilled")
 
 
-def build(config="rf-tiny", **overrides) -> RectifiedFlowModel:
-    if isinstance(config, str):
-        if config not in PRESETS:
-            raise ValueError(f"unknown rectified-flow preset {config!r}; expected one of {sorted(PRESETS)}")
-        config = PRESETS[config]
-    elif isinstance(config, dict):
-        config = FlowConfig.from_dict(config)
-    config = config.replace(**overrides)
-    if config.family != "rectified_flow":
-        raise ValueError(f"a {config.family!r} config is not a rectified flow")
-    return RectifiedFlowModel(config)
-
-
-register_family("rectified_flow", FlowConfig, RectifiedFlowModel, PRESETS)
+build = register_flow_family("rectified_flow", RectifiedFlowModel, PRESETS, "rf-tiny", "rectified-flow",
+                             "a rectified flow")

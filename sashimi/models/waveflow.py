@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint as checkpoint_call
 
 from ..nn.mel import LogMel
 from ..objectives.waveflow import WAVEFLOW
-from .config import ConfigMixin
+from .config import ConfigMixin, S4Settings
 from .pretrained import PretrainedMixin
 from .registry import register_family
 from ..nn.waveflow import (WIDTH_MODELS, FlowNet, MelUpsampler, height_dilations, squeeze, unsqueeze,
@@ -40,11 +40,13 @@ def _check_int(name, value, low=1):
 
 
 @dataclass
-class WaveFlowConfig(ConfigMixin):
+class WaveFlowConfig(ConfigMixin, S4Settings):
     """Everything needed to rebuild a WaveFlow. `h` is the squeeze height (rows); None dilations take
     the rules of sashimi.nn.waveflow (height: cover h; width: 1, 2, ..., 128). width_model "conv" is
-    the paper's 3x3 network, "s4" the bidirectional S4 layer along rows (s4_mode "diag" = S4D or
-    "dplr" = S4, state d_state, SSM learning rate ssm_lr). condition "none" is unconditional."""
+    the paper's 3x3 network, "s4" the bidirectional S4 layer along rows, which takes the S4 settings
+    (sashimi.models.config.S4Settings; here mode "diag" = S4D by default, "dplr" = S4; ssm_lr None
+    keeps the kernel's default rate). condition "none" is unconditional. Configs written before the
+    shared S4 settings name the mode `s4_mode`; from_dict reads them."""
 
     family: str = "waveflow"
     name: str = "custom"
@@ -57,9 +59,8 @@ class WaveFlowConfig(ConfigMixin):
     permutation: str = "paper"
     sigma: float = 1.0
     width_model: str = "conv"
-    s4_mode: str = "diag"
-    d_state: int = 64
-    ssm_lr: float | None = 1e-3
+    # the S4 settings mode ... backend are keyword-only fields from S4Settings; S4D by default here
+    mode: str = field(default="diag", kw_only=True)
     condition: str = "mel"
     # audio and log-mel features (sashimi.nn.mel.LogMel)
     sample_rate: int = 22050
@@ -78,8 +79,9 @@ class WaveFlowConfig(ConfigMixin):
 
     def __post_init__(self):
         self.check_family("waveflow")
-        for name in ("h", "n_flows", "n_layers", "residual_channels", "sample_rate", "sample_len", "d_state"):
+        for name in ("h", "n_flows", "n_layers", "residual_channels", "sample_rate", "sample_len"):
             _check_int(name, getattr(self, name), 2 if name == "h" else 1)
+        self.check_s4()
         if self.width_model not in WIDTH_MODELS:
             raise ValueError(f"width_model must be one of {WIDTH_MODELS}, got {self.width_model!r}")
         if self.permutation not in PERMUTATIONS:
@@ -127,8 +129,15 @@ class WaveFlowConfig(ConfigMixin):
         return LogMel(self.sample_rate, self.n_fft, self.win_length, self.hop_length, self.n_mels,
                       self.f_min, self.f_max)
 
-    def s4_kwargs(self) -> dict:
-        return {"d_state": self.d_state, "mode": self.s4_mode, "lr": self.ssm_lr}
+    @classmethod
+    def from_dict(cls, d: dict) -> "WaveFlowConfig":
+        """The config of a to_dict() output, also of one written with the mode under its older key `s4_mode`."""
+        if isinstance(d, dict) and "s4_mode" in d:
+            d = dict(d)
+            if "mode" in d:
+                raise ValueError("a WaveFlow configuration names the S4 mode twice (mode and s4_mode)")
+            d["mode"] = d.pop("s4_mode")
+        return super().from_dict(d)
 
 
 PRESETS = {

@@ -24,7 +24,8 @@ from .backbone import FFBlock, ResidualBlock
 
 _NAME = "sashimi_step_cpu"
 _SOURCES = ("sashimi_step_cpu.cpp",)
-_HEADERS = ("step_simd.h", "s4_layer_step.h", "sashimi_sampling.h")
+_HEADERS = ("step_simd.h", "s4_layer_step.h", "step_team.h", "sashimi_engine_model.h", "sashimi_sampling.h",
+            "sashimi_state_dict.h")
 _VECTOR = 16  # floats per vector in the engine (activations are padded to a multiple)
 native_build.declare(_NAME, _SOURCES, s4_fused.extra_cflags(_HEADERS), label="SaShiMi step engine")
 
@@ -171,13 +172,24 @@ class BackboneEngine:
 
     embedding (V, d_model) and head (norm, linear) make a token-in, logits-out engine (WaveformAR,
     sashimi.pipelines.fast_step.FastStepper); without them the engine steps features
-    (step_features), with the backbone's final norm. States convert to and from SaShiMi.default_state's format.
+    (SaShiMi.step: backbone_step), with the backbone's final norm. States convert to and from SaShiMi.default_state's format.
     """
 
+    WEIGHTS = ("float32", "float16")
+
+    def _linear(self, linear, **groups):
+        """A Linear packed for the engine, its weights stored in self.weights' precision."""
+        w, b = _pack_linear(linear, **groups)
+        return (w.half() if self.weights == "float16" else w), b
+
     @_plain_tensors
-    def _build(self, backbone, batch_size: int, embedding=None, head=None):
+    def _build(self, backbone, batch_size: int, embedding=None, head=None, weights: str = "float32"):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if weights not in self.WEIGHTS:
+            raise ValueError(f"weights must be one of {self.WEIGHTS}, got {weights!r}")
+        self.weights = weights
+        bytes_per = 2 if weights == "float16" else 4
         ext = load_engine()
         self.batch_size = B = batch_size
         self.pool = tuple(backbone.pool)
@@ -189,9 +201,11 @@ class BackboneEngine:
             table[:, : self.widths[0]] = embedding.detach().to(torch.float32)
         engine = ext.Engine(B, V, table.contiguous())
         self._buffers, self._pending = [], []
+        self._level_bytes = [0] * (len(self.pool) + 1)  # parameter bytes a step of each level reads
         for i, p in enumerate(self.pool):
-            down_w, down_b = _pack_linear(backbone.down_pools[i].linear, in_groups=p)
-            up_w, up_b = _pack_linear(backbone.up_pools[i].linear, out_groups=p)
+            down_w, down_b = self._linear(backbone.down_pools[i].linear, in_groups=p)
+            up_w, up_b = self._linear(backbone.up_pools[i].linear, out_groups=p)
+            self._level_bytes[i + 1] += bytes_per * (down_w.numel() + up_w.numel())
             buffer = torch.zeros(B, p, padded[i])
             pending = torch.zeros(B, p * padded[i])
             engine.add_level(p, self.widths[i], down_w, down_b, up_w, up_b, buffer, pending)
@@ -208,7 +222,8 @@ class BackboneEngine:
                                                   padded[-1], B)
         if head is not None:
             norm, linear = head
-            head_w, head_b = _pack_linear(linear)
+            head_w, head_b = self._linear(linear)
+            self._level_bytes[0] += bytes_per * head_w.numel()
             engine.set_head(*_norm(norm, padded[0]), head_w, head_b)
         else:
             has_norm = not isinstance(backbone.norm, nn.Identity)
@@ -217,9 +232,33 @@ class BackboneEngine:
         engine.finalize()
         self._engine = engine
         self._ext = ext
+        self.split = "auto"
+        # parameter bytes an average step reads (level i runs every prod(pool[:i]) steps): the thread policy's input
+        every, self.work = 1, 0
+        for i, nbytes in enumerate(self._level_bytes):
+            self.work += nbytes // every
+            every *= self.pool[i] if i < len(self.pool) else 1
 
-    @staticmethod
-    def _add_blocks(engine, group: int, level: int, blocks, Hp: int, B: int):
+    SPLITS = ("auto", "rows", "columns")
+
+    def threads(self) -> int:
+        """Threads a step of this engine may use now (s4lib.fused_step.default_threads, or step_threads(n))."""
+        return s4_fused.default_threads(self.batch_size, self.work)
+
+    def _thread_arg(self) -> int:
+        """The engine's thread argument for SaShiMi.step: step_threads(n)'s n, else the policy's count."""
+        return self.threads()
+
+    def set_split(self, split: str) -> None:
+        """How threads share a step: 'auto' (columns below 8 rows, else rows), 'rows' (each thread a
+        slice of the rows) or 'columns' (every thread all rows, a share of every layer's columns).
+        The results are the same whichever way."""
+        if split not in self.SPLITS:
+            raise ValueError(f"split must be one of {self.SPLITS}, got {split!r}")
+        self.split = split
+        self._engine.set_threads(0, self.SPLITS.index(split))
+
+    def _add_blocks(self, engine, group: int, level: int, blocks, Hp: int, B: int):
         states = []
         for block in blocks:
             norm_w, norm_b, eps = _norm(block.norm, Hp)
@@ -227,16 +266,18 @@ class BackboneEngine:
                 s4 = block.layer
                 kernel = s4.layer.kernel
                 kind, rank, n, planes, chan = s4_fused.pack_ssm(kernel, s4.layer.D[0])
-                out_w, out_b = _pack_linear(s4.output_linear[0], out_groups=2)
+                out_w, out_b = self._linear(s4.output_linear[0], out_groups=2)
                 state = torch.zeros(B, s4.d_model, n, dtype=torch.complex64)  # model.default_state's format
                 aux = torch.zeros(B, s4.d_model, 2 * rank)
                 engine.add_s4_block(group, level, block.prenorm, norm_w, norm_b, eps, kind, rank, n, planes, chan,
                                     out_w, out_b, state, aux)
+                self._level_bytes[level] += 4 * (planes.numel() + chan.numel()) + out_w.element_size() * out_w.numel()
                 states.append(state)
             else:
-                w1, b1 = _pack_linear(block.layer.input_linear)
-                w2, b2 = _pack_linear(block.layer.output_linear)
+                w1, b1 = self._linear(block.layer.input_linear)
+                w2, b2 = self._linear(block.layer.output_linear)
                 engine.add_ff_block(group, level, block.prenorm, norm_w, norm_b, eps, w1, b1, w2, b2)
+                self._level_bytes[level] += w1.element_size() * (w1.numel() + w2.numel())
                 states.append(None)
         return states
 
@@ -327,48 +368,46 @@ class BackboneEngine:
 # ------------------------------------------------------------------------------ SaShiMi.step fused
 
 class _Fused(BackboneEngine):
-    """SaShiMi.step's engine, with what it was built from and the state dict it last wrote."""
+    """SaShiMi.step's engine, with what it was built from; the engine mirrors each step into the state dict."""
 
     def __init__(self, backbone, batch_size, generation):
         self._build(backbone, batch_size)
         self._engine.watch(list(backbone.parameters()) + list(backbone.buffers()))
-        self.signature, self.generation = self._engine.signature(), generation
-        self.state_obj, self.snapshot = None, None
+        self.generation = generation
         # where each S4 state of a level lives in the state dict, in the engine's order
-        self.slots = []
+        codes = {"down": 0, "up": 1, "center": 2}
+        slots = []
         for i in range(len(self.pool) + 1):
             groups = [("center", None)] if i == len(self.pool) else [("down", i), ("up", i)]
-            slots = []
+            level_slots = []
             for key, level in groups:
                 mine = self._states[key] if level is None else self._states[key][level]
-                slots += [(key, level, j) for j, t in enumerate(mine) if t is not None]
-            self.slots.append(slots)
-        self.input_is_buffered = not backbone.unet  # level 0's DownPool takes the input itself
+                level_slots += [(codes[key], level or 0, j) for j, t in enumerate(mine) if t is not None]
+            slots.append(level_slots)
+        # level 0's DownPool takes the input itself unless U-Net down blocks come first
+        self._engine.set_dict_layout(slots, not backbone.unet)
 
 
-def _snapshot(state) -> tuple:
-    """Identities of a state dict's containers and tensors (equal iff nobody replaced any of them)."""
-    out = [id(state["down"]), id(state["up"]), id(state["center"]), id(state["buffer"]), id(state["pending"])]
-    for key in ("down", "up"):
-        for group in state[key]:
-            out.append(id(group))
-            out.extend(map(id, group))
-    out.extend(map(id, state["center"]))
-    for buffer in state["buffer"]:
-        out.append(id(buffer))
-        out.append(len(buffer))
-        out.extend(map(id, buffer))
-    out.extend(map(id, state["pending"]))
-    return tuple(out)
+def _rebuild(backbone, batch_size):
+    """(a new _Fused for `backbone`, None) or (None, the reason it cannot be built); cached on the backbone."""
+    reason, engine = backbone_reason(backbone), None
+    if reason is None:
+        try:
+            engine = _Fused(backbone, batch_size, backbone._step_generation)
+        except FastPathUnavailable as e:
+            reason = str(e)
+    backbone.__dict__["_fused_engine"] = engine
+    return engine, reason
 
 
 def backbone_step(backbone, x, state):
     """SaShiMi.step on the fused engine: (y, state) with the state dict updated as the eager step does,
     or None when the fused path does not apply (the caller runs the eager step).
 
-    The engine keeps the state between calls; it is reloaded from the dict whenever the dict passed
-    in is not the one the previous fused step returned with the same containers and tensors. It is
-    rebuilt when a parameter changes (version counters, data pointers) or setup_step() runs again.
+    One native call per step: the engine keeps the state between calls and mirrors each step into
+    the dict (kernels/sashimi_state_dict.h); it reloads the dict whenever it is not the one the
+    previous fused step returned with the same containers and tensors. It is rebuilt when a
+    parameter changes (version counters, data pointers) or setup_step() runs again.
     """
     backend = backbone.step_backend
     if backend == "eager" or torch.compiler.is_compiling():
@@ -380,45 +419,20 @@ def backbone_step(backbone, x, state):
         reason = "the state must be the dict made by default_state()"
     elif torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in backbone.parameters())):
         reason = "autograd is recording (use torch.no_grad() or torch.inference_mode() to step fused)"
-    cached = backbone.__dict__.get("_fused_engine")
-    if reason is None and (cached is None or cached.batch_size != x.shape[0]
-                           or cached.generation != backbone._step_generation
-                           or cached.signature != cached._engine.signature()):
-        reason = backbone_reason(backbone)
-        if reason is None:
-            try:
-                cached = _Fused(backbone, x.shape[0], backbone._step_generation)
-            except FastPathUnavailable as e:
-                reason = str(e)
-        backbone.__dict__["_fused_engine"] = cached = None if reason else cached
-    if reason is not None:
-        if backend == "fused":
-            raise FastPathUnavailable(f"SaShiMi.step cannot run fused: {reason}")
-        return None
-    return _engine_step(cached, x, state)
-
-
-def _engine_step(engine, x, state):
-    if state is not engine.state_obj or _snapshot(state) != engine.snapshot:
-        engine.set_state(state)
-    y, copies, ran, slot = engine._engine.step_features(x.contiguous(), s4_fused.default_threads(x.shape[0]))
-    # mirror the eager step's updates of the dict: the levels that ran get their new S4 states;
-    # levels 0 .. ran-2 fired (DownPool emptied, pending refilled), level ran-1 buffered its input
-    copies = iter(copies)
-    n_pool, B = len(engine.pool), engine.batch_size
-    for i in range(min(ran, n_pool)):
-        for key, level, j in engine.slots[i]:
-            state[key][level][j] = next(copies)
-        if i == ran - 1:
-            H = engine.widths[i]
-            state["buffer"][i].append(x if i == 0 and engine.input_is_buffered else
-                                      engine._buffers[i][:, slot, :H].clone())
-        else:
-            p, H = engine.pool[i], engine.widths[i]
-            state["buffer"][i].clear()
-            state["pending"][i] = engine._pending[i].view(B, p, -1)[:, :, :H].reshape(B, p * H).clone()
-    if ran > n_pool:
-        for key, _, j in engine.slots[-1]:
-            state[key][j] = next(copies)
-    engine.state_obj, engine.snapshot = state, _snapshot(state)
-    return y, state
+    else:
+        engine = backbone.__dict__.get("_fused_engine")
+        for _ in range(2):  # the second time after a parameter changed
+            if engine is None or engine.batch_size != x.shape[0] or engine.generation != backbone._step_generation:
+                engine, reason = _rebuild(backbone, x.shape[0])
+                if reason is not None:
+                    break
+            y, status = engine._engine.step_dict(x, state, engine._thread_arg(), False)
+            if status == 1:  # not the dict this engine returned last: load it (checks it), then step
+                engine.set_state(state)
+                y, status = engine._engine.step_dict(x, state, engine._thread_arg(), True)
+            if status == 0:
+                return y, state
+            engine, reason = None, "a parameter changed while the engine was rebuilt"  # status 2
+    if backend == "fused":
+        raise FastPathUnavailable(f"SaShiMi.step cannot run fused: {reason}")
+    return None

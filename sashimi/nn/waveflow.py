@@ -102,11 +102,12 @@ class MelUpsampler(nn.Module):
 class RowS4(nn.Module):
     """A bidirectional s4lib layer applied to every row of (B, C, H, W) independently, along W."""
 
-    def __init__(self, channels: int, d_state: int = 64, mode: str = "diag", lr: float | None = 1e-3):
+    def __init__(self, channels: int, d_state: int = 64, mode: str = "diag", lr: float | None = 1e-3,
+                 **kernel_args):
         super().__init__()
-        kwargs = {} if lr is None else {"lr": lr}
+        kwargs = {} if lr is None else {"lr": lr}  # None: the kernel's default rate
         self.layer = FFTConv(channels, bidirectional=True, activation=None, mode=mode, d_state=d_state,
-                             transposed=True, **kwargs)
+                             transposed=True, **kwargs, **kernel_args)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape

@@ -19,7 +19,9 @@ import numpy as np
 from ..data.audio import save_audio
 from ..files import atomic_write, write_json
 
-__all__ = ["write_report", "spectrogram_png"]
+__all__ = ["write_report", "spectrogram_png", "SPECTROGRAM_FLOOR_DB"]
+
+SPECTROGRAM_FLOOR_DB = -200.0  # the power (dB) drawn for silence, where the spectrum is exactly zero
 
 _STYLE = """
 body { font-family: sans-serif; margin: 2em auto; max-width: 60em; color: #222; }
@@ -38,6 +40,7 @@ def spectrogram_png(path: str, audio: np.ndarray, sample_rate: int, title: str =
     """
     import io
 
+    from matplotlib import mlab
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -47,9 +50,14 @@ def spectrogram_png(path: str, audio: np.ndarray, sample_rate: int, title: str =
     ax = fig.add_subplot()
     n_fft = 512 if len(audio) >= 2048 else max(16, 2 ** int(math.log2(max(len(audio) // 4, 16))))
     if len(audio) >= n_fft:
+        hop = n_fft - n_fft * 3 // 4
+        power, freqs, times = mlab.specgram(audio, NFFT=n_fft, Fs=sample_rate, noverlap=n_fft - hop)
+        # silent stretches have zero power: floor it (at SPECTROGRAM_FLOOR_DB) before taking the log
+        db = 10 * np.log10(np.maximum(power, 10 ** (SPECTROGRAM_FLOOR_DB / 10)))
         loud = np.abs(audio).max() > 1e-4  # a silent clip's spectrum lies below -120 dB: let the colours autoscale
-        ax.specgram(audio + 1e-9, NFFT=n_fft, Fs=sample_rate, noverlap=n_fft * 3 // 4, cmap="magma",
-                    scale="dB", vmin=-120 if loud else None)
+        pad = hop / sample_rate / 2  # each column covers its hop, as matplotlib's Axes.specgram draws it
+        ax.imshow(np.flipud(db), cmap="magma", vmin=-120 if loud else None, aspect="auto", origin="upper",
+                  extent=(times.min() - pad, times.max() + pad, freqs[0], freqs[-1]))
     else:  # too short for one frame: show the waveform instead
         ax.plot(np.arange(len(audio)) / sample_rate, audio, lw=0.5)
     if mark_seconds:

@@ -52,6 +52,8 @@ from .schedule import LRSchedule
 
 __all__ = ["TrainConfig", "train", "NonFiniteLossError", "parse_duration"]
 
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
 CHECKPOINT_AUTO_BYTES = 2e9  # checkpointing='auto' turns on above this estimate (the model's activation_bytes)
 
 
@@ -140,6 +142,9 @@ class TrainConfig:
         if self.max_time is not None:
             parse_duration(self.max_time)
         check_number("lr", self.lr, 0, low_open=True)
+        if self.lr > FLOAT32_MAX:  # AdamW could not represent the rate; huge rates below it meet StepGuard
+            raise ValueError(f"lr must be at most {FLOAT32_MAX:.4g} (the largest float32, the precision of the "
+                             f"weights it updates), got {self.lr!r}")
         check_number("weight_decay", self.weight_decay, 0)
         check_number("grad_clip", self.grad_clip, 0)
         check_number("min_lr_ratio", self.min_lr_ratio, 0, 1)
@@ -531,6 +536,7 @@ def _loop(run: Run) -> dict:
     budget = cfg.max_seconds
     run.t_start, run.lr_now, status = run.clock(), cfg.lr, "finished"
     consecutive_nonfinite, window, step_seconds, pause_seconds = 0, Window(), 0.0, 0.0
+    schedule_clock = 0.0  # never runs backwards: a step faster than the last must not raise the rate again
     desc = "train" if budget is None else f"train (budget {cfg.max_time})"
     bar = progress(total=cfg.max_steps, initial=position.step, desc=desc, disable=not (procs.is_main and cfg.progress))
     run.step_module.train()
@@ -539,7 +545,8 @@ def _loop(run: Run) -> dict:
             t_step = run.clock()
             # with a time budget the schedule's clock runs ahead by what the end of the run needs (a step, the
             # final validation and checkpoint), so the last step is the decayed one
-            lr_factor = run.schedule.factor(position.step, run.seconds() + step_seconds + pause_seconds)
+            schedule_clock = max(schedule_clock, run.seconds() + step_seconds + pause_seconds)
+            lr_factor = run.schedule.factor(position.step, schedule_clock)
             for group in run.optimizer.param_groups:
                 group["lr"] = group["initial_lr"] * lr_factor
             run.lr_now = cfg.lr * lr_factor

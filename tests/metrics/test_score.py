@@ -205,3 +205,23 @@ def test_listening_page_spectrogram_of_silence(tmp_path):
 
     spectrogram_png(str(tmp_path / "silence.png"), np.zeros(4000, np.float32), 16000)
     assert (tmp_path / "silence.png").stat().st_size > 0
+
+
+@pytest.mark.filterwarnings("error")
+def test_listening_page_of_silent_stretches_warns_nothing(tmp_path):
+    """Silence (a whole clip, or stretches of one) has zero power: the spectrogram floors it instead of log10(0)."""
+    from sashimi.pipelines.generate import GenerationResult
+    from sashimi.pipelines.report import SPECTROGRAM_FLOOR_DB, write_report
+
+    t = torch.arange(4000) / 16000
+    half = torch.where(t < 0.125, torch.sin(2 * np.pi * 440 * t), torch.zeros(()))
+    audio = torch.stack([torch.zeros(4000), half, torch.zeros(4000)]).float()
+    audio[2, :600] = 0.5 * torch.sin(2 * np.pi * 100 * t[:600])  # a tone ending in digital silence
+    n = audio.shape[0]
+    result = GenerationResult(audio=audio, tokens=torch.zeros(n, 4000, dtype=torch.long),
+                              logprobs=torch.zeros(n, 4000, dtype=torch.float64),
+                              prefix_logprobs=torch.zeros(n, 0, dtype=torch.float64), prefix_len=0,
+                              sample_rate=16000, seconds=1.0, path="eager")
+    paths = write_report(str(tmp_path / "page"), result)
+    assert len(paths["pngs"]) == 3 and all(os.path.getsize(p) > 0 for p in paths["pngs"])
+    assert SPECTROGRAM_FLOOR_DB < -120  # below the colour scale of an audible clip

@@ -38,6 +38,21 @@ def test_preset_sizes():
                and rectified_flow.PRESETS[n].space == "waveform")
 
 
+@pytest.mark.parametrize("module, family, other", [(diffwave, "diffwave", rectified_flow),
+                                                   (rectified_flow, "rectified_flow", diffwave)])
+def test_family_build_presets_dicts_and_errors(module, family, other):
+    from sashimi.models.registry import build_model, get_family
+
+    assert get_family(family).model_cls is module.build().__class__ and module.build.__name__ == "build"
+    model = module.build({**module.PRESETS[min(module.PRESETS)].to_dict(), **SMALL})  # a saved config.json
+    assert type(model) is type(build_model(model.config.to_dict())) and model.config.d_model == 8
+    assert module.build(model.config, d_model=4).config.d_model == 4
+    with pytest.raises(ValueError, match="unknown .* preset 'nope'; expected one of"):
+        module.build("nope")
+    with pytest.raises(ValueError, match=f"a {other.PRESETS[min(other.PRESETS)].family!r} config is not a"):
+        module.build(other.PRESETS[min(other.PRESETS)])
+
+
 def test_untrained_network_predicts_zero_and_shapes():
     model = FlowModel(FlowConfig(**SMALL))
     x = torch.randn(3, 32, 1)

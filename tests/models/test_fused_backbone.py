@@ -97,15 +97,22 @@ def test_paths_interchange_and_snapshots_work():
     assert rel(y_a, y_ref[:, 50:80]) <= TOL
 
 
-def test_threads_and_parameter_changes():
-    model = backbone(2)
-    x = torch.randn(8, 40, 16)
+@pytest.mark.parametrize("B, kwargs", [(8, {}), (1, {}), (3, {"unet": True, "bidirectional": False}),
+                                       (1, {"pool": (2, 4, 2), "prenorm": False, "n_layers": 1, "d_model": 40})],
+                         ids=["rows", "columns", "columns-unet", "columns-postnorm-padding"])
+def test_threads_and_parameter_changes(B, kwargs):
+    """1, 2 and 3 threads give identical outputs (8 rows: split by rows; fewer: every layer's columns)."""
+    model = backbone(2, **kwargs)
+    H = model.d_model
+    x = torch.randn(B, 40, H)
     results = []
     with torch.no_grad():
         for threads in (1, 2, 3):
             with s4lib.step_threads(threads):
-                results.append(steps(model, x, model.default_state(8), "fused")[0])
+                results.append(steps(model, x, model.default_state(B), "fused")[0])
         assert all(torch.equal(r, results[0]) for r in results[1:])
+        y_e, _ = steps(model, x, model.default_state(B), "eager")
+        assert rel(results[0], y_e) <= TOL
         model.up_blocks[0][1].layer.output_linear.bias.add_(0.5)  # an FF layer changes: the engine is rebuilt
         y_f, _ = steps(model, x[:1], model.default_state(1), "fused")
         y_e, _ = steps(model, x[:1], model.default_state(1), "eager")

@@ -114,23 +114,51 @@ def test_state_interchanges_between_paths_mid_sequence(mode):
     assert rel(y_a, y_e) <= TOL and rel(s_a, s_e) <= TOL
 
 
+@pytest.mark.parametrize("final_act", ["glu", None, "id"])
+@pytest.mark.parametrize("batch", [7, 1])
 @pytest.mark.parametrize("mode", ["dplr", "diag"])
-def test_results_do_not_depend_on_the_thread_count(mode):
-    block = make_block(mode, 33, 8)
+def test_results_do_not_depend_on_the_thread_count(mode, batch, final_act):
+    """Threads split each step's channels and output panels: 1, 2 and 3 threads, bitwise the same."""
+    block = make_block(mode, 40, 8, final_act=final_act)  # 40 channels: panels of 16, 16 and 8
     block.setup_step()
-    x = torch.randn(7, 40, 33)
+    x = torch.randn(batch, 40, 40)
     results = []
     for threads in (1, 2, 3):
         with torch.no_grad(), s4lib.step_threads(threads):
-            assert fused_step.default_threads(7) == threads
-            results.append(run_steps(block, x, block.default_state(7), "fused"))
-    for y, s in results[1:]:
-        assert torch.equal(y, results[0][0]) and torch.equal(s, results[0][1])
+            assert fused_step.default_threads(batch) == threads
+            results.append(run_steps(block, x, block.default_state(batch), "fused"))
+            results.append(run_steps(block.layer, x, block.default_state(batch), "fused"))  # FFTConv alone
+    for i, (y, s) in enumerate(results[2:]):
+        assert torch.equal(y, results[i % 2][0]) and torch.equal(s, results[i % 2][1])
+    with torch.no_grad():
+        y_e, s_e = run_steps(block, x, block.default_state(batch), "eager")
+    assert rel(results[0][0], y_e) <= TOL and rel(results[0][1], s_e) <= TOL
+
+
+def test_default_threads_at_batch_one_give_the_one_thread_result():
+    """A large layer with torch given 2 threads steps on one thread by default at batch 1 (the policy),
+    and its outputs are those of step_threads(1)."""
+    block = make_block("dplr", 256, 64)
+    block.setup_step()
+    x = torch.randn(1, 120, 256)
+    with torch.no_grad():
+        with s4lib.step_threads(1):
+            expected = run_steps(block, x, block.default_state(1), "fused")
+        before = torch.get_num_threads()
+        torch.set_num_threads(2)
+        try:
+            assert fused_step.default_threads(1, work=10 * fused_step.SPLIT_BYTES) == 1
+            got = run_steps(block, x, block.default_state(1), "fused")
+        finally:
+            torch.set_num_threads(before)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
 
 
 def test_thread_policy_and_context():
     before = torch.get_num_threads()
-    assert fused_step.default_threads(1) == 1
+    assert fused_step.default_threads(1) == 1  # a step of nothing: not worth a barrier
+    assert fused_step.default_threads(1, work=fused_step.SPLIT_BYTES) == 1  # batch 1: one thread
+    assert fused_step.default_threads(8, work=fused_step.SPLIT_BYTES) == max(1, min(before, 2))  # rows: split
     with s4lib.step_threads(2):
         assert torch.get_num_threads() == 2 and fused_step.default_threads(1) == 2
         with s4lib.step_threads(1):

@@ -24,42 +24,20 @@ from sashimi.training import checkpoint as checkpoint_module
 from sashimi.training.checkpoint import load_checkpoint
 from sashimi.training.loop import NonFiniteLossError, TrainConfig, train
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from run_helpers import REPO, cli_args, finite, one_thread, small_run, subprocess_env
 
 
 @pytest.fixture(autouse=True)
 def one_thread_naive(monkeypatch):
     """One thread and the pure-torch kernel backend: reliability does not depend on either, speed does."""
     monkeypatch.setenv("S4LIB_BACKEND", os.environ.get("S4LIB_BACKEND", "naive"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_thread():
+        yield
 
 
 def small(out, **overrides) -> TrainConfig:
-    settings = dict(data="builtin", preset="tiny", out=str(out), sample_len=128, batch_size=4, n_train_items=1,
-                    n_val_items=1, val_batches=1, warmup_steps=2, val_every=5, ckpt_every=5, log_every=1,
-                    progress=False)
-    settings.update(overrides)
-    return TrainConfig(**settings)
-
-
-def flags(cfg: TrainConfig) -> list[str]:
-    args = []
-    for key, value in cfg.to_dict().items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            args.append(flag if value else "--no-" + key.replace("_", "-"))
-        elif isinstance(value, list):
-            args += [flag, *map(str, value)] if value else []
-        elif value is not None:
-            args += [flag, str(value)]
-    return args
-
-
-def finite(state: dict) -> bool:
-    return all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    """The shared small run at batch 4, logging every step."""
+    return small_run(out, **{"batch_size": 4, "log_every": 1, **overrides})
 
 
 def one_line_error(err: str, *needles: str) -> None:
@@ -108,10 +86,10 @@ def test_resume_in_an_empty_directory_starts_a_run(tmp_path):
 
 def test_cli_overwrite_flag(tmp_path, capsys):
     cfg = small(tmp_path, max_steps=1)
-    assert main(["train", *flags(cfg)]) == 0
-    assert main(["train", *flags(cfg)]) == 1
+    assert main(["train", *cli_args(cfg)]) == 0
+    assert main(["train", *cli_args(cfg)]) == 1
     one_line_error(capsys.readouterr().err, str(tmp_path), "--resume")
-    assert main(["train", *flags(small(tmp_path, max_steps=1, overwrite=True))]) == 0
+    assert main(["train", *cli_args(small(tmp_path, max_steps=1, overwrite=True))]) == 0
     assert glob.glob(str(tmp_path / "replaced-*" / "last.pt"))
 
 
@@ -179,6 +157,21 @@ def test_non_finite_hyperparameters_are_rejected(tmp_path, field, value):
         small(tmp_path, **{field: value}).check()
 
 
+def test_a_learning_rate_beyond_float32_is_one_line_before_training(tmp_path, capsys):
+    assert main(["train", *cli_args(small(tmp_path, max_steps=1, lr=1e39))]) == 1
+    one_line_error(capsys.readouterr().err, "lr must be at most 3.403e+38", "1e+39")
+    assert not os.path.exists(tmp_path / "last.pt")
+
+
+def test_a_huge_finite_learning_rate_stops_in_one_line_without_a_traceback(tmp_path, capsys):
+    """lr 1e38 passes the check, but AdamW's first update overflows float32 inside torch: each step is undone."""
+    cfg = small(tmp_path, lr=1e38, warmup_steps=0, max_steps=5, max_nonfinite=2, val_every=100)
+    assert main(["train", *cli_args(cfg)]) == 1
+    one_line_error(capsys.readouterr().err, "2 consecutive steps had a non-finite loss, gradient or updated weights")
+    for path in glob.glob(str(tmp_path / "*.pt")):
+        assert finite(load_checkpoint(path)["model"]), path
+
+
 def poison_updates(monkeypatch, steps):
     """After AdamW's update number k (0-based) for k in steps, one weight becomes NaN (as an overflowing update
     would make it): finite loss and gradient, non-finite weights."""
@@ -231,7 +224,7 @@ def test_checkpoint_writer_refuses_non_finite_weights(tmp_path):
 def test_out_inside_a_file_is_one_line_before_training(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     out = tmp_path / "file" / "run"
-    assert main(["train", *flags(small(out, max_steps=1))]) == 1
+    assert main(["train", *cli_args(small(out, max_steps=1))]) == 1
     one_line_error(capsys.readouterr().err, str(tmp_path / "file"))
 
 
@@ -239,7 +232,7 @@ def test_read_only_out_is_one_line_before_training(tmp_path, capsys, monkeypatch
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system")
     monkeypatch.setattr(tempfile, "mkstemp", read_only)
-    assert main(["train", *flags(small(tmp_path / "run", max_steps=1))]) == 1
+    assert main(["train", *cli_args(small(tmp_path / "run", max_steps=1))]) == 1
     monkeypatch.undo()
     one_line_error(capsys.readouterr().err, str(tmp_path / "run"), "Read-only")
 
@@ -256,7 +249,7 @@ def test_eval_json_to_a_directory_fails_before_evaluating(tmp_path, capsys, monk
 
 def test_full_disk_while_checkpointing_keeps_the_last_checkpoint(tmp_path, capsys, monkeypatch):
     cfg = small(tmp_path, max_steps=2, ckpt_every=1)
-    assert main(["train", *flags(cfg)]) == 0
+    assert main(["train", *cli_args(cfg)]) == 0
     good = (tmp_path / "last.pt").read_bytes()
     capsys.readouterr()
 
@@ -264,7 +257,7 @@ def test_full_disk_while_checkpointing_keeps_the_last_checkpoint(tmp_path, capsy
         f.write(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(checkpoint_module.torch, "save", full)
-    assert main(["train", *flags(small(tmp_path, max_steps=4, ckpt_every=1, resume=True))]) == 1
+    assert main(["train", *cli_args(small(tmp_path, max_steps=4, ckpt_every=1, resume=True))]) == 1
     one_line_error(capsys.readouterr().err, "last.pt", "No space left")
     assert (tmp_path / "last.pt").read_bytes() == good
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
@@ -273,7 +266,7 @@ def test_full_disk_while_checkpointing_keeps_the_last_checkpoint(tmp_path, capsy
 @pytest.mark.parametrize("content", ["", "{\"train\": ", "[]"])
 def test_corrupt_config_json_on_resume_is_one_line(tmp_path, capsys, content):
     cfg = small(tmp_path, max_steps=1)
-    assert main(["train", *flags(cfg)]) == 0
+    assert main(["train", *cli_args(cfg)]) == 0
     capsys.readouterr()
     (tmp_path / "config.json").write_text(content)
     assert main(["train", "--out", str(tmp_path), "--resume", "--max-steps", "2", "--no-progress"]) == 1
@@ -320,11 +313,10 @@ def test_kill_loop_never_loses_progress(tmp_path):
     rng = random.Random(int(os.environ.get("SASHIMI_KILL_SEED", "0")))
     run = tmp_path / "run"
     cfg = small(run, max_steps=100_000, ckpt_every=2, val_every=3, ema=0.9, dropout=0.1, resume=True)
-    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
-               S4LIB_BACKEND=os.environ.get("S4LIB_BACKEND", "naive"))
+    env = subprocess_env(S4LIB_BACKEND=os.environ.get("S4LIB_BACKEND", "naive"))
     progress, had_checkpoint = 0, False
     for i in range(iterations):
-        proc = subprocess.Popen([sys.executable, "-m", "sashimi", "train", *flags(cfg)], cwd=REPO, env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "sashimi", "train", *cli_args(cfg)], cwd=REPO, env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         # wait for training to start (a metrics line past the last progress), then a random moment more
         deadline = time.time() + 240

@@ -27,47 +27,17 @@ from sashimi.training.evaluate import evaluate
 from sashimi.training.loop import NonFiniteLossError, TrainConfig, train
 from sashimi.training.runtime import read_metrics
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from run_helpers import REPO, cli_args, finite, one_thread as single_thread, subprocess_env
+from run_helpers import small_run as small
+
 # Measured: the `learned_run` below reaches 5.28 bits/sample (seed 0; deterministic on CPU); uniform is 8.
 LEARNED_VAL_BITS_MAX = 6.0
 
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """The tiny model gains nothing from a second thread, and a busy machine makes two much slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def small(out, **overrides) -> TrainConfig:
-    """A run of the tiny preset on 128-sample chunks of one builtin clip: seconds per dozen steps."""
-    settings = dict(data="builtin", preset="tiny", out=str(out), sample_len=128, batch_size=8, n_train_items=1,
-                    n_val_items=1, val_batches=1, warmup_steps=2, val_every=5, ckpt_every=5, log_every=5,
-                    progress=False)
-    settings.update(overrides)
-    return TrainConfig(**settings)
-
-
-def cli_args(cfg: TrainConfig) -> list[str]:
-    """The `sashimi train` flags that reproduce cfg."""
-    args = []
-    for key, value in cfg.to_dict().items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            args.append(flag if value else "--no-" + key.replace("_", "-"))
-        elif isinstance(value, list):
-            args += [flag, *map(str, value)] if value else []
-        elif value is not None:
-            args += [flag, str(value)]
-    return args
-
-
-def subprocess_env(threads: int = 1) -> dict:
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore")
-    return env
+    with single_thread():
+        yield
 
 
 def wait_for_lines(proc: subprocess.Popen, path, n: int, timeout: float = 180.0) -> None:
@@ -116,7 +86,7 @@ def poison_steps(monkeypatch, steps) -> None:
 
 
 def assert_finite_weights(state: dict) -> None:
-    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert finite(state["model"])
 
 
 def assert_same_tensors(a: dict, b: dict, exact: bool = True, atol: float = 0.0):
