@@ -158,11 +158,15 @@ def _one_line(error: BaseException) -> str:
     return lines[0] if lines else type(error).__name__
 
 
-def _print_generation(result, paths) -> None:
+def _print_generation(result, paths, speed: str | None = None) -> None:
+    """What every generation command prints: files written, the speed line, scores, the page."""
+    if speed is None:
+        speed = (f"{result.samples_per_second:,.0f} samples/s = {result.real_time_factor:.3f}x real time "
+                 f"({result.path} path); generated samples: {float(result.bits_per_sample.mean()):.3f} "
+                 "bits/sample (mean NLL)")
     print(f"wrote {result.n_samples} samples ({result.audio.shape[1] / result.sample_rate:.3f} s at "
           f"{result.sample_rate} Hz) to {os.path.dirname(paths['index'])}")
-    print(f"speed: {result.samples_per_second:,.0f} samples/s = {result.real_time_factor:.3f}x real time "
-          f"({result.path} path); generated samples: {float(result.bits_per_sample.mean()):.3f} bits/sample (mean NLL)")
+    print(f"speed: {speed}")
     if paths.get("scores") is not None:
         from .metrics.cli import format_scores
 
@@ -230,15 +234,9 @@ def _run_flow_generate(args: argparse.Namespace) -> int:
         print("sashimi generate: interrupted; nothing written", file=sys.stderr)
         return 130
     s = result.info
-    print(f"wrote {result.n_samples} samples ({result.audio.shape[1] / result.sample_rate:.3f} s at "
-          f"{result.sample_rate} Hz) to {os.path.dirname(paths['index'])}")
-    print(f"speed: {result.real_time_factor:.3f}x real time ({s['method']}, {s['steps']} steps, cfg {s['cfg']:g}, "
-          f"{s['network_evaluations_per_batch']} network calls per batch, {result.seconds:.2f} s)")
-    if paths.get("scores") is not None:
-        from .metrics.cli import format_scores
-
-        print(format_scores(paths["scores"]))
-    print(f"listening page: {paths['index']}")
+    _print_generation(result, paths, speed=(
+        f"{result.real_time_factor:.3f}x real time ({s['method']}, {s['steps']} steps, cfg {s['cfg']:g}, "
+        f"{s['network_evaluations_per_batch']} network calls per batch, {result.seconds:.2f} s)"))
     return 0
 
 
