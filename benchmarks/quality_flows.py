@@ -90,6 +90,9 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay of every training run (default 0.999)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of every training run (initialisation, data order, timesteps) and, plus 12345, of "
+                        "generation (default 0); run again with another seed and --classifier to see the spread")
     p.add_argument("--classifier", default=None, help="an evaluation classifier at the models' rate and clip length")
     p.add_argument("--classifier-clips", type=int, default=1500, help="builtin clips it trains on (default 1500)")
     args = p.parse_args()
@@ -108,7 +111,7 @@ def main() -> int:
         sys.exit("the two presets must share the backbone and the clip format")
     common = ["--max-steps", "10000000", "--budget-clock", "cpu", "--threads", str(args.threads),
               "--batch-size", str(args.batch_size), "--val-every", "200", "--val-batches", "8", "--n-val-items", "64",
-              "--ckpt-every", "200", "--ema", str(args.ema), "--no-progress"]
+              "--ckpt-every", "200", "--ema", str(args.ema), "--no-progress", "--seed", str(args.seed)]
     budget = lambda m: ["--max-time", f"{m * 60:.0f}s"]  # noqa: E731
     train_cpu = {}
     state_file = out / "cpu.json"
@@ -169,7 +172,7 @@ def main() -> int:
     rows.append({"case": "real clips (val split)", "fid": floor["fid"], "mel_fd": floor["mel_fd"], "is": floor["is"]})
     log(f"floor: real val vs real test FID {floor['fid']:.3f}")
     for stage, name, method, steps in cases:
-        result = FlowPipeline(models[name])(args.n, labels=labels, steps=steps, method=method, seed=12345,
+        result = FlowPipeline(models[name])(args.n, labels=labels, steps=steps, method=method, seed=12345 + args.seed,
                                             batch_size=16)
         s = score(cls, "builtin", result, n_real=512)
         row = {"case": f"{stage}, {steps} {method} step{'s' if steps > 1 else ''}", "model": name, "steps": steps,

@@ -444,8 +444,23 @@ def test_kernels_give_the_same_result_on_any_number_of_threads(native_cpu):
                 assert (a - b).abs().max() <= 1e-5 * a.abs().max(), i
 
 
+def _thread_cpu_ticks() -> dict[int, int]:
+    """CPU time (user + system, clock ticks) of every thread of this process, from /proc."""
+    ticks = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        ticks[int(tid)] = int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return ticks
+
+
 def test_kernels_use_more_than_one_thread(native_cpu):
-    """With two torch threads the Cauchy kernel runs on both: its CPU time exceeds its wall time."""
+    """With two torch threads the Cauchy kernel's work lands on two threads. Counted per thread from
+    /proc (each thread's own CPU time), so another job holding a core slows the kernel but does not
+    change the count; where /proc is missing, CPU time against wall time (which needs an idle machine)."""
     import time
 
     if os.cpu_count() < 2:
@@ -455,6 +470,15 @@ def test_kernels_use_more_than_one_thread(native_cpu):
     torch.set_num_threads(2)
     try:
         native_cpu.cauchy(v, z, w)
+        if os.path.isdir("/proc/self/task"):
+            before, cpu = _thread_cpu_ticks(), time.process_time()
+            while time.process_time() - cpu < 1.0:  # at least 100 ticks of work in all
+                native_cpu.cauchy(v, z, w)
+            after = _thread_cpu_ticks()
+            used = sorted((after[t] - before.get(t, 0) for t in after), reverse=True)
+            share = used[1] / max(sum(used), 1) if len(used) > 1 else 0.0
+            assert share > 0.2, f"per-thread CPU ticks {used[:4]}: the second thread did {share:.0%} of the work"
+            return
         best = 0.0
         for _ in range(5):  # the best of five: a busy machine may deschedule one thread
             wall, cpu = time.perf_counter(), time.process_time()
