@@ -51,7 +51,7 @@ def anchored_sample(model, noise, condition, null, cfg: float, steps: int = 24, 
             v_null = model(x, tt, null_opt)
             x_next = x + h * (v_null + cfg * (v_cond - v_null))
             miss = (x_next - anchor_next).square().mean()
-            if float(miss.sqrt()) < anchor_tol * scale:
+            if float(miss.detach().sqrt()) < anchor_tol * scale:
                 break
             # the gradient of the embedding only (the network's weights collect none)
             (null_opt.grad,) = torch.autograd.grad(miss, [null_opt])
