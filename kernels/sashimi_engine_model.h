@@ -26,10 +26,12 @@ struct Block {
   Norm norm;
   int64_t H = 0, Hp = 0;
   // S4
-  SSM ssm;
+  SSM ssm;                 // as packed (the layout of s4lib's layer step)
+  TiledSSM tiled;          // the same parameters in tiles of VL channels: what the step runs
   Linear out;              // H -> 2H (GLU halves at [0, Hp) and [Hp, 2 Hp))
-  float* state = nullptr;  // (B, H, 2n)
-  float* aux = nullptr;    // (B, H, 2 rank)
+  float* state = nullptr;  // (B, H, 2n): the complex state tensor (imported by refresh(), written by export_states())
+  float* tstate = nullptr; // (B, tiled.state_floats()): the state the step updates
+  float* taux = nullptr;   // (B, tiled.aux_floats()) (DPLR)
   // FF
   Linear ff1, ff2;
 };
@@ -97,6 +99,10 @@ class EngineModel {
     blk.ssm = make_ssm(kind, rank, n, kGELU, ssm, chan);
     TORCH_CHECK(blk.ssm.H == lv.H, "sashimi_step: SSM of width ", blk.ssm.H, " at a level of width ", lv.H);
     kept_.push_back(ssm), kept_.push_back(chan);
+    const int64_t tiles = lv.Hp / VL;
+    blk.tiled = tile_ssm(blk.ssm, tiles, alloc(tiles * n * 2 * blk.ssm.planes * VL), alloc(tiles * blk.ssm.chans * VL));
+    blk.tstate = alloc(B_ * blk.tiled.state_floats());
+    blk.taux = alloc(B_ * std::max<int64_t>(1, blk.tiled.aux_floats()));
     blk.out = linear(out_w, out_b, lv.Hp, 2 * lv.Hp);
     TORCH_CHECK(state.device().is_cpu() && state.scalar_type() == at::kComplexFloat && state.is_contiguous() &&
                     state.sizes() == at::IntArrayRef({B_, lv.H, n}),
@@ -107,17 +113,30 @@ class EngineModel {
       check(aux, "aux", 3);
       TORCH_CHECK(aux.size(0) == B_ && aux.size(1) == lv.H && aux.size(2) == 2 * blk.ssm.rank,
                   "sashimi_step: bad aux shape ", aux.sizes());
-      blk.aux = keep(aux);
+      kept_.push_back(aux);  // checked for the interface; the step keeps its auxiliaries in taux
     }
     (group == 0 ? lv.down : lv.up).push_back(blk);
   }
 
-  // Recompute the DPLR auxiliaries from the states (call after writing the state tensors).
+  // Load the state tensors into the step's tiled states and recompute the DPLR auxiliaries (call
+  // after writing the state tensors).
   void refresh() {
     for (auto& lv : levels_)
       for (auto* group : {&lv.down, &lv.up})
         for (auto& blk : *group)
-          if (blk.stateful) ssm_refresh(blk.ssm, blk.state, blk.aux, B_);
+          if (blk.stateful) {
+            tiled_from_complex(blk.tiled, blk.state, blk.tstate, B_);
+            tiled_refresh(blk.tiled, blk.tstate, blk.taux, B_);
+          }
+  }
+
+  // Write the step's states into the state tensors (levels [0, levels); call before reading them).
+  void export_states(int64_t levels = -1) {
+    if (levels < 0) levels = (int64_t)levels_.size();
+    for (int64_t i = 0; i < std::min<int64_t>(levels, (int64_t)levels_.size()); ++i)
+      for (auto* group : {&levels_[i].down, &levels_[i].up})
+        for (auto& blk : *group)
+          if (blk.stateful) complex_from_tiled(blk.tiled, blk.tstate, blk.state, B_);
   }
 
   void add_ff_block(int64_t group, int64_t level, bool prenorm, at::Tensor norm_w, at::Tensor norm_b, double eps,
@@ -200,6 +219,7 @@ class EngineModel {
  protected:
   int64_t B_, V_, H0p_ = 0;
   std::vector<at::Tensor> kept_;  // every tensor whose memory the engine reads or writes
+  std::vector<Scratch> owned_;    // the engine's own memory (tiled SSM parameters and states)
   float* embedding_ = nullptr;
   std::vector<Level> levels_;     // pooling levels, then the centre
   bool has_center_ = false, finalized_ = false, has_out_norm_ = false;
@@ -224,6 +244,12 @@ class EngineModel {
     const int64_t* p = t.data_ptr<int64_t>();
     for (int64_t b = 0; b < B_; ++b)
       TORCH_CHECK(p[b] >= 0 && p[b] < V_, "sashimi_step: token ", p[b], " outside [0, ", V_, ")");
+  }
+
+  float* alloc(int64_t n) {
+    owned_.emplace_back();
+    owned_.back().resize(n);
+    return owned_.back().data;
   }
 
   float* keep(const at::Tensor& t) {

@@ -132,6 +132,7 @@ class Engine : public EngineModel {
       while (ran < (int64_t)levels_.size() && phase_[ran - 1] == levels_[ran - 1].p - 1) ++ran;
       slot = ran <= (int64_t)phase_.size() ? phase_[ran - 1] : -1;
       advance_phases(1);
+      export_states(ran);  // the state tensors of the levels that ran, for the dict's copies
     }
     dict_.update(state, memory_, B_, ran, slot, x_obj);
     return py::make_tuple(y, 0);
@@ -310,11 +311,9 @@ class Engine : public EngineModel {
       in = z;
     }
     if (blk.stateful) {
-      const int64_t per_row = blk.H * 2 * blk.ssm.n;
-      float* x_state = blk.state + r0 * per_row;
-      const auto [h0, h1] = panel_channels(part.range(P), blk.H);
-      ssm_rows(blk.ssm, in, Hp, x_state, x_state, blk.aux ? blk.aux + r0 * blk.H * 2 * blk.ssm.rank : nullptr, true,
-               s, Hp, R, h0, h1);
+      const auto [t0, t1] = part.range(P);  // tiles of VL channels = panels
+      ssm_tiled(blk.tiled, in, Hp, blk.tstate + r0 * blk.tiled.state_floats(),
+                blk.taux + r0 * blk.tiled.aux_floats(), s, Hp, R, t0, t1);
       part.sync();  // s is complete
       gemm<false>(s, Hp, R, blk.out, big, lv.big_width, c0 / VL, c1 / VL);
       gemm<false>(s, Hp, R, blk.out, big, lv.big_width, P + c0 / VL, P + c1 / VL);
@@ -420,6 +419,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("signature", &Engine::signature)
       .def("finalize", &Engine::finalize)
       .def("refresh", &Engine::refresh)
+      .def("export_states", &Engine::export_states, py::arg("levels") = -1)
       .def("phases", &Engine::phases)
       .def("set_phases", &Engine::set_phases)
       .def("step", &Engine::step, py::call_guard<py::gil_scoped_release>())

@@ -303,6 +303,7 @@ class BackboneEngine:
     def get_state(self) -> dict:
         """A copy of the state in WaveformAR.default_state's format (continues in model.step)."""
         B, phases = self.batch_size, self._engine.phases()
+        self._engine.export_states()  # the step runs on its own (tiled) copy of the S4 states
         state = {"down": [], "buffer": [], "pending": [], "center": [], "up": []}
         for i, p in enumerate(self.pool):
             H = self.widths[i]
