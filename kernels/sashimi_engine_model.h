@@ -18,7 +18,12 @@ namespace sashimi_step {
 
 using namespace s4step;
 
-constexpr int64_t kMaxMembers = 8;  // team members splitting a step's columns (each has private scratch)
+// A step split over the columns runs on two team members: each owns one half of the channels of every
+// SSM and one half of the inputs of every Linear (a Linear's two partial sums are added, with the bias,
+// by each member into its own copy of the activations), so a block needs one barrier. One thread
+// computes the same two halves one after the other: the results do not depend on the thread count.
+constexpr int64_t kHalves = 2;
+constexpr int64_t kMaxMembers = 8;  // threads a step of many rows is split into (by rows)
 
 // ------------------------------------------------------------------------------------- blocks
 struct Block {
@@ -43,7 +48,8 @@ struct Level {
   Linear down_pool, up_pool;
   float* buffer = nullptr;   // (B, p, Hp)
   float* pending = nullptr;  // (B, p * Hp)
-  // scratch, B rows each (z: one private copy per team member)
+  Scratch buffer1, pending1; // member 1's copies of buffer and pending (it computes the same values)
+  // scratch, kHalves copies (one per member) of B rows each
   Scratch z, s, big, u, y, skips, coarse;
   int64_t big_width = 0;
 };
@@ -180,14 +186,24 @@ class EngineModel {
       for (auto* group : {&lv.down, &lv.up})
         for (auto& blk : *group)
           if (!blk.stateful) lv.big_width = std::max(lv.big_width, blk.ff1.out);
-      for (auto* buf : {&lv.s, &lv.u, &lv.y}) buf->resize(B_ * lv.Hp);
-      lv.z.resize(kMaxMembers * B_ * lv.Hp);
-      lv.big.resize(B_ * lv.big_width);
-      lv.skips.resize(B_ * lv.Hp * (int64_t)(lv.down.size() + 1));
+      for (auto* buf : {&lv.s, &lv.u, &lv.y, &lv.z}) buf->resize(kHalves * B_ * lv.Hp);
+      lv.big.resize(kHalves * B_ * lv.big_width);
+      lv.skips.resize(kHalves * B_ * lv.Hp * (int64_t)(lv.down.size() + 1));
+      part_width_ = std::max(part_width_, lv.big_width);
+      if (lv.p > 0) {
+        lv.buffer1.resize(B_ * lv.p * lv.Hp);
+        lv.pending1.resize(B_ * lv.p * lv.Hp);
+        part_width_ = std::max(part_width_, lv.p * lv.Hp);
+      }
     }
-    for (size_t i = 0; i + 1 < levels_.size(); ++i) levels_[i].coarse.resize(B_ * levels_[i + 1].Hp);
-    x0_.resize(B_ * H0p_);
-    logits_.resize(B_ * head_.out);
+    for (size_t i = 0; i + 1 < levels_.size(); ++i) {
+      levels_[i].coarse.resize(kHalves * B_ * levels_[i + 1].Hp);
+      part_width_ = std::max(part_width_, levels_[i + 1].Hp);
+    }
+    x0_.resize(kHalves * B_ * H0p_);
+    logits_.resize(kHalves * B_ * head_.out);
+    part_width_ = std::max(part_width_, head_.out);
+    parts_.resize(2 * kHalves * B_ * part_width_);
     phase_.assign(levels_.size() - 1, 0);
     finalized_ = true;
   }
@@ -227,7 +243,9 @@ class EngineModel {
   std::vector<int64_t> built_signature_ = {0, 0};
   Norm head_norm_;
   Linear head_;
-  Scratch x0_, logits_;
+  Scratch x0_, logits_;            // kHalves copies (member 0's first: the official logits)
+  Scratch parts_;                  // partial sums of split Linears: [2 alternating sets][kHalves][B][part_width_]
+  int64_t part_width_ = 0;
   std::vector<int64_t> phase_;    // per pooling level: inputs waiting in its DownPool (shared by all rows)
 
   static int64_t padded(int64_t h) { return (h + VL - 1) / VL * VL; }
