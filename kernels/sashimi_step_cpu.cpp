@@ -24,19 +24,24 @@
 //   * a Linear is packed into panels of 16 output columns: w[(j * in + k) * 16 + c] = W[16 j + c, k]
 //     with `in` the padded input width and out = 16 * panels the padded output width (float32, or
 //     float16 storage widened to float32 as it is loaded);
-//   * S4 state (B, H, n) complex64 as s4lib's default_state (viewed as float32 (B, H, 2n)), DPLR
-//     auxiliaries (B, H, 2r); DownPool buffer (B, p, Hp); UpPool pending (B, p * Hp).
+//   * S4 state (B, H, n) complex64 as s4lib's default_state (viewed as float32 (B, H, 2n)): the state
+//     tensors Python sees; the step runs on the engine's own copy tiled over channels
+//     (s4_layer_step.h, TiledSSM: refresh() loads the tensors into it, export_states() writes it back);
+//     DownPool buffer (B, p, Hp); UpPool pending (B, p * Hp).
 //
 // Threads, two ways (set_threads / set_split; results are bitwise the same for any count and either way):
 //   * rows: rows are independent sequences, so a batch is split into one contiguous slice of rows per
 //     thread (at::parallel_for), and each thread runs whole steps (and, in generate(), the whole
 //     sampling loop) on its slice without synchronising; every thread reads all the parameters.
-//   * columns (small batches, batch 1): the members of a persistent team (kernels/step_team.h) run
-//     every step together on all rows, each owning the same VL-wide column panels of every activation
-//     at a level (SSM channels, GEMM output panels, residual columns) and so half of every weight
-//     matrix (two members); a barrier precedes each operation that reads columns another member wrote
-//     (LayerNorm, GEMM inputs), about two per block. LayerNorm statistics are computed by every member
-//     over the whole row, in the same order, into private scratch.
+//   * columns (small batches, batch 1): two members of a persistent team (kernels/step_team.h) run
+//     every step together on all rows. Every SSM's channels and every Linear's inputs are cut in two
+//     halves (whole VL panels); member g steps the SSM tiles of half g and computes the partial sum of
+//     each Linear over the inputs of half g (the output Linear of an S4 block reads exactly the SSM
+//     channels the member computed; the second Linear of an FF block the hidden units it computed).
+//     After one barrier per block each member adds bias + part 0 + part 1 (in that order) into its own
+//     copy of the activations, so LayerNorm, GLU, residuals and sampling need no further barrier
+//     (both members sample the same token from the same logits). One thread computes the two halves
+//     one after the other, in the same order: the same numbers.
 // Linear layers are small GEMMs with register tiles of up to 8 rows x 8 vectors; an output's sum is
 // the same sequence of operations whatever the tile or the member that computes it.
 //

@@ -251,7 +251,8 @@ class BackboneEngine:
 
     def set_split(self, split: str) -> None:
         """How threads share a step: 'auto' (columns below 8 rows, else rows), 'rows' (each thread a
-        slice of the rows) or 'columns' (every thread all rows, a share of every layer's columns).
+        slice of the rows) or 'columns' (two threads, each all rows and one half of every SSM's channels
+        and of every Linear's inputs).
         The results are the same whichever way."""
         if split not in self.SPLITS:
             raise ValueError(f"split must be one of {self.SPLITS}, got {split!r}")
