@@ -204,19 +204,26 @@ namespace s4step {
 // work; the tuner compares the medians of the last kWindow timings of each choice (one stalled call,
 // or the first call of a team, which starts its threads and warms its caches, does not decide), the
 // first timing of each choice is discarded, both are tried alternately until each has kWindow, and
-// the other choice is retried on 1 call in kExplore so that a change of load is followed.
+// the other choice is retried on 1 call in kExplore (1 in kExploreFar while it is more than 25 %
+// slower: each retrial of a much slower choice costs) so that a change of load is followed.
 class ThreadTuner {
  public:
-  static constexpr int kWindow = 5, kExplore = 16;
+  static constexpr int kWindow = 5, kExplore = 16, kExploreFar = 64;
 
   // The thread count for the next call: 1 or T (T <= 1: 1).
   int pick(int T) {
     if (T <= 1) return 1;
     ++calls_;
     int which;
-    if (count_[0] < kWindow || count_[1] < kWindow) which = calls_ & 1;          // both, alternately, first
-    else which = median(1) < median(0) ? 1 : 0;
-    if (calls_ % kExplore == 0) which ^= 1;                                      // keep sampling the other
+    int explore = kExplore;
+    if (count_[0] < kWindow || count_[1] < kWindow) {
+      which = calls_ & 1;  // both, alternately, first
+    } else {
+      const double one = median(0), team = median(1);
+      which = team < one ? 1 : 0;
+      if (std::max(one, team) > 1.25 * std::min(one, team)) explore = kExploreFar;
+    }
+    if (calls_ % explore == 0) which ^= 1;  // keep sampling the other
     return which ? T : 1;
   }
 
