@@ -238,6 +238,195 @@ static void glu_rows(const float* big, int64_t ldbig, int64_t Hp, float* x, int6
   }
 }
 
+// ------------------------------------------------------------------------- tiled form (engines)
+//
+// An engine that owns its recurrent state between calls (the WaveformAR engine) can keep it in
+// tiles of VL channels with the lanes over channels: no horizontal sums, no complex shuffles, the
+// DPLR corrections on whole vectors. Parameters per tile t: par[t][k][2 planes][VL] for k < n (the
+// planes of SSM above, (re, im) as two vectors: a step streams one contiguous block per tile),
+// chan[t][chans][VL]; state x[b][t][k][re, im][VL]; DPLR aux[b][t][2 rank][VL]. Channels past H
+// are zero (their outputs are 0 before and after GELU). Conversions from and to the complex (B, H, n)
+// state below; a channel's results do not depend on the tile range it is computed in.
+struct TiledSSM {
+  int64_t kind = kDiag, rank = 0, H = 0, tiles = 0, n = 0, planes = 0, chans = 0, act = kGELU;
+  const float* par = nullptr;   // (tiles, n, 2 planes, VL)
+  const float* chan = nullptr;  // (tiles, chans, VL)
+  int64_t state_floats() const { return tiles * n * 2 * VL; }  // per row
+  int64_t aux_floats() const { return tiles * 2 * rank * VL; }  // per row
+};
+
+// par (tiles * n * 2 planes * VL floats) and chan (tiles * chans * VL) from the packed m.
+static TiledSSM tile_ssm(const SSM& m, int64_t tiles, float* par, float* chan) {
+  TORCH_CHECK(tiles * VL >= m.H, "s4step: ", tiles, " tiles for ", m.H, " channels");
+  TiledSSM t;
+  t.kind = m.kind, t.rank = m.rank, t.H = m.H, t.tiles = tiles, t.n = m.n, t.planes = m.planes, t.chans = m.chans;
+  t.act = m.act;
+  const int64_t n = m.n, P = m.planes;
+  std::memset(par, 0, tiles * n * 2 * P * VL * sizeof(float));
+  std::memset(chan, 0, tiles * m.chans * VL * sizeof(float));
+  for (int64_t h = 0; h < m.H; ++h) {
+    const int64_t tt = h / VL, lane = h % VL;
+    const float* src = m.par + h * P * m.npad;
+    for (int64_t p = 0; p < P; ++p)
+      for (int64_t k = 0; k < n; ++k)
+        for (int64_t c = 0; c < 2; ++c) par[((tt * n + k) * 2 * P + 2 * p + c) * VL + lane] = src[p * m.npad + 2 * k + c];
+    for (int64_t c = 0; c < m.chans; ++c) chan[(tt * m.chans + c) * VL + lane] = m.chan[h * m.chans + c];
+  }
+  t.par = par, t.chan = chan;
+  return t;
+}
+
+// Complex (B, H, n) states <-> tiled ones (padding lanes written as zero).
+static void tiled_from_complex(const TiledSSM& m, const float* cx, float* tx, int64_t B) {
+  const int64_t n = m.n;
+  std::memset(tx, 0, B * m.state_floats() * sizeof(float));
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < m.H; ++h) {
+      const float* src = cx + (b * m.H + h) * 2 * n;
+      float* dst = tx + b * m.state_floats() + (h / VL) * n * 2 * VL + h % VL;
+      for (int64_t k = 0; k < n; ++k) dst[2 * k * VL] = src[2 * k], dst[(2 * k + 1) * VL] = src[2 * k + 1];
+    }
+}
+static void complex_from_tiled(const TiledSSM& m, const float* tx, float* cx, int64_t B) {
+  const int64_t n = m.n;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < m.H; ++h) {
+      float* dst = cx + (b * m.H + h) * 2 * n;
+      const float* src = tx + b * m.state_floats() + (h / VL) * n * 2 * VL + h % VL;
+      for (int64_t k = 0; k < n; ++k) dst[2 * k] = src[2 * k * VL], dst[2 * k + 1] = src[(2 * k + 1) * VL];
+    }
+}
+
+// Re(c x) of the state for the "*" plane at p (holding (Re c, -Im c)), accumulated as the step does.
+static inline vf tiled_dot(const float* par, int64_t planes, int64_t plane, const float* x, int64_t n) {
+  vf s0{}, s1{};
+  for (int64_t k = 0; k < n; ++k) {
+    const float* p = par + (k * 2 * planes + 2 * plane) * VL;
+    s0 += vload(p) * vload(x + 2 * k * VL);
+    s1 += vload(p + VL) * vload(x + (2 * k + 1) * VL);
+  }
+  return s0 + s1;
+}
+
+// aux of tiled DPLR states (after they were written from outside): the values a step leaves.
+static void tiled_refresh(const TiledSSM& m, const float* tx, float* aux, int64_t B) {
+  if (m.kind != kDPLR) return;
+  const int64_t n = m.n, P = m.planes, r = m.rank;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < m.tiles; ++t) {
+      const float* par = m.par + t * n * 2 * P * VL;
+      const float* x = tx + b * m.state_floats() + t * n * 2 * VL;
+      float* ax = aux + b * m.aux_floats() + t * 2 * r * VL;
+      for (int64_t j = 0; j < r; ++j) {
+        vstore(ax + j * VL, 2.0f * tiled_dot(par, P, 4 + 3 * j, x, n));
+        vstore(ax + (r + j) * VL, 2.0f * tiled_dot(par, P, 5 + 3 * j, x, n));
+      }
+    }
+}
+
+static inline vf vact(vf v, int64_t act) {
+  switch (act) {
+    case kGELU: return vgelu(v);
+    case kSiLU: return v * vsigmoid(v);
+    case kSigmoid: return vsigmoid(v);
+    case kIdentity: return v;
+    default: {
+      for (int i = 0; i < VL; ++i) v[i] = scalar_act(v[i], act);
+      return v;
+    }
+  }
+}
+
+// Rows [0, R), tiles [t0, t1): u (R, ldu) inputs, x (R, tiles, n, 2, VL) states updated in place,
+// aux (R, tiles, 2 rank, VL) (DPLR, kept from the previous step), s (R, lds) = act(y + D u) for the
+// tiles' VL columns each (all of them: channels past H give 0).
+template <int RANK>
+static void ssm_tiled_impl(const TiledSSM& m, const float* __restrict u, int64_t ldu, float* __restrict xs,
+                           float* __restrict auxs, float* __restrict s, int64_t lds, int64_t R, int64_t t0, int64_t t1) {
+  constexpr int MAXR = RANK > 0 ? RANK : kMaxRank;
+  const int64_t n = m.n, P = m.planes, rank = m.kind == kDiag ? 0 : (RANK > 0 ? RANK : m.rank);
+  const int64_t sf = m.state_floats(), af = m.aux_floats();
+  for (int64_t t = t0; t < t1; ++t) {
+    const float* __restrict par = m.par + t * n * 2 * P * VL;
+    const float* __restrict ch = m.chan + t * m.chans * VL;
+    const vf D = vload(ch);
+    for (int64_t r = 0; r < R; ++r) {
+      float* __restrict x = xs + r * sf + t * n * 2 * VL;
+      const vf uv = vload(u + r * ldu + t * VL);
+      vf y0{}, y1{};
+      if (m.kind == kDiag) {
+        for (int64_t k = 0; k < n; ++k) {
+          const float* p = par + k * 6 * VL;
+          const vf xr = vload(x + 2 * k * VL), xi = vload(x + (2 * k + 1) * VL);
+          const vf ar = vload(p), ai = vload(p + VL);
+          const vf nr = ar * xr - ai * xi + vload(p + 2 * VL) * uv;
+          const vf ni = ar * xi + ai * xr + vload(p + 3 * VL) * uv;
+          vstore(x + 2 * k * VL, nr);
+          vstore(x + (2 * k + 1) * VL, ni);
+          y0 += vload(p + 4 * VL) * nr;
+          y1 += vload(p + 5 * VL) * ni;
+        }
+      } else {
+        float* __restrict ax = auxs + r * af + t * 2 * rank * VL;
+        const float* M = ch + VL;
+        const float* K1 = M + rank * rank * VL;
+        const float* K2 = K1 + rank * rank * VL;
+        vf c[MAXR], q2[MAXR];
+        for (int64_t i = 0; i < rank; ++i) {
+          q2[i] = vload(ax + (rank + i) * VL) + vload(K2 + i * VL) * uv;
+          for (int64_t j = 0; j < rank; ++j) q2[i] -= vload(K1 + (i * rank + j) * VL) * vload(ax + j * VL);
+        }
+        for (int64_t i = 0; i < rank; ++i) {
+          vf q3{};
+          for (int64_t j = 0; j < rank; ++j) q3 += vload(M + (i * rank + j) * VL) * q2[j];
+          c[i] = vload(ax + i * VL) + q3;
+        }
+        vf q0[MAXR], q1[MAXR], a0[MAXR], a1[MAXR];
+        for (int64_t i = 0; i < rank; ++i) q0[i] = q1[i] = a0[i] = a1[i] = vf{};
+        for (int64_t k = 0; k < n; ++k) {
+          const float* p = par + k * 2 * P * VL;
+          const vf xr = vload(x + 2 * k * VL), xi = vload(x + (2 * k + 1) * VL);
+          const vf er = vload(p), ei = vload(p + VL);
+          vf nr = er * xr - ei * xi + vload(p + 2 * VL) * uv;
+          vf ni = er * xi + ei * xr + vload(p + 3 * VL) * uv;
+          for (int64_t i = 0; i < rank; ++i) {
+            const float* g = p + (6 + 6 * i) * VL;
+            nr -= vload(g) * c[i];
+            ni -= vload(g + VL) * c[i];
+          }
+          vstore(x + 2 * k * VL, nr);
+          vstore(x + (2 * k + 1) * VL, ni);
+          y0 += vload(p + 4 * VL) * nr;
+          y1 += vload(p + 5 * VL) * ni;
+          for (int64_t i = 0; i < rank; ++i) {
+            const float* g = p + (6 + 6 * i) * VL;
+            q0[i] += vload(g + 2 * VL) * nr;
+            q1[i] += vload(g + 3 * VL) * ni;
+            a0[i] += vload(g + 4 * VL) * nr;
+            a1[i] += vload(g + 5 * VL) * ni;
+          }
+        }
+        for (int64_t i = 0; i < rank; ++i) {
+          vstore(ax + i * VL, 2.0f * (q0[i] + q1[i]));
+          vstore(ax + (rank + i) * VL, 2.0f * (a0[i] + a1[i]));
+        }
+      }
+      vstore(s + r * lds + t * VL, vact(2.0f * (y0 + y1) + D * uv, m.act));
+    }
+  }
+}
+
+static void ssm_tiled(const TiledSSM& m, const float* u, int64_t ldu, float* x, float* aux, float* s, int64_t lds,
+                      int64_t R, int64_t t0, int64_t t1) {
+  if (t1 <= t0) return;
+  if (m.kind == kDiag) return ssm_tiled_impl<0>(m, u, ldu, x, aux, s, lds, R, t0, t1);
+  switch (m.rank) {
+    case 1: return ssm_tiled_impl<1>(m, u, ldu, x, aux, s, lds, R, t0, t1);
+    case 2: return ssm_tiled_impl<2>(m, u, ldu, x, aux, s, lds, R, t0, t1);
+    default: return ssm_tiled_impl<0>(m, u, ldu, x, aux, s, lds, R, t0, t1);
+  }
+}
+
 // A checked SSM description from packed tensors (both extensions build theirs with this).
 static SSM make_ssm(int64_t kind, int64_t rank, int64_t n, int64_t act, const at::Tensor& par,
                     const at::Tensor& chan) {

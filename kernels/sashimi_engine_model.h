@@ -18,7 +18,12 @@ namespace sashimi_step {
 
 using namespace s4step;
 
-constexpr int64_t kMaxMembers = 8;  // team members splitting a step's columns (each has private scratch)
+// A step split over the columns runs on two team members: each owns one half of the channels of every
+// SSM and one half of the inputs of every Linear (a Linear's two partial sums are added, with the bias,
+// by each member into its own copy of the activations), so a block needs one barrier. One thread
+// computes the same two halves one after the other: the results do not depend on the thread count.
+constexpr int64_t kHalves = 2;
+constexpr int64_t kMaxMembers = 8;  // threads a step of many rows is split into (by rows)
 
 // ------------------------------------------------------------------------------------- blocks
 struct Block {
@@ -26,10 +31,12 @@ struct Block {
   Norm norm;
   int64_t H = 0, Hp = 0;
   // S4
-  SSM ssm;
+  SSM ssm;                 // as packed (the layout of s4lib's layer step)
+  TiledSSM tiled;          // the same parameters in tiles of VL channels: what the step runs
   Linear out;              // H -> 2H (GLU halves at [0, Hp) and [Hp, 2 Hp))
-  float* state = nullptr;  // (B, H, 2n)
-  float* aux = nullptr;    // (B, H, 2 rank)
+  float* state = nullptr;  // (B, H, 2n): the complex state tensor (imported by refresh(), written by export_states())
+  float* tstate = nullptr; // (B, tiled.state_floats()): the state the step updates
+  float* taux = nullptr;   // (B, tiled.aux_floats()) (DPLR)
   // FF
   Linear ff1, ff2;
 };
@@ -41,7 +48,8 @@ struct Level {
   Linear down_pool, up_pool;
   float* buffer = nullptr;   // (B, p, Hp)
   float* pending = nullptr;  // (B, p * Hp)
-  // scratch, B rows each (z: one private copy per team member)
+  Scratch buffer1, pending1; // member 1's copies of buffer and pending (it computes the same values)
+  // scratch, kHalves copies (one per member) of B rows each
   Scratch z, s, big, u, y, skips, coarse;
   int64_t big_width = 0;
 };
@@ -97,6 +105,10 @@ class EngineModel {
     blk.ssm = make_ssm(kind, rank, n, kGELU, ssm, chan);
     TORCH_CHECK(blk.ssm.H == lv.H, "sashimi_step: SSM of width ", blk.ssm.H, " at a level of width ", lv.H);
     kept_.push_back(ssm), kept_.push_back(chan);
+    const int64_t tiles = lv.Hp / VL;
+    blk.tiled = tile_ssm(blk.ssm, tiles, alloc(tiles * n * 2 * blk.ssm.planes * VL), alloc(tiles * blk.ssm.chans * VL));
+    blk.tstate = alloc(B_ * blk.tiled.state_floats());
+    blk.taux = alloc(B_ * std::max<int64_t>(1, blk.tiled.aux_floats()));
     blk.out = linear(out_w, out_b, lv.Hp, 2 * lv.Hp);
     TORCH_CHECK(state.device().is_cpu() && state.scalar_type() == at::kComplexFloat && state.is_contiguous() &&
                     state.sizes() == at::IntArrayRef({B_, lv.H, n}),
@@ -107,17 +119,30 @@ class EngineModel {
       check(aux, "aux", 3);
       TORCH_CHECK(aux.size(0) == B_ && aux.size(1) == lv.H && aux.size(2) == 2 * blk.ssm.rank,
                   "sashimi_step: bad aux shape ", aux.sizes());
-      blk.aux = keep(aux);
+      kept_.push_back(aux);  // checked for the interface; the step keeps its auxiliaries in taux
     }
     (group == 0 ? lv.down : lv.up).push_back(blk);
   }
 
-  // Recompute the DPLR auxiliaries from the states (call after writing the state tensors).
+  // Load the state tensors into the step's tiled states and recompute the DPLR auxiliaries (call
+  // after writing the state tensors).
   void refresh() {
     for (auto& lv : levels_)
       for (auto* group : {&lv.down, &lv.up})
         for (auto& blk : *group)
-          if (blk.stateful) ssm_refresh(blk.ssm, blk.state, blk.aux, B_);
+          if (blk.stateful) {
+            tiled_from_complex(blk.tiled, blk.state, blk.tstate, B_);
+            tiled_refresh(blk.tiled, blk.tstate, blk.taux, B_);
+          }
+  }
+
+  // Write the step's states into the state tensors (levels [0, levels); call before reading them).
+  void export_states(int64_t levels = -1) {
+    if (levels < 0) levels = (int64_t)levels_.size();
+    for (int64_t i = 0; i < std::min<int64_t>(levels, (int64_t)levels_.size()); ++i)
+      for (auto* group : {&levels_[i].down, &levels_[i].up})
+        for (auto& blk : *group)
+          if (blk.stateful) complex_from_tiled(blk.tiled, blk.tstate, blk.state, B_);
   }
 
   void add_ff_block(int64_t group, int64_t level, bool prenorm, at::Tensor norm_w, at::Tensor norm_b, double eps,
@@ -161,14 +186,24 @@ class EngineModel {
       for (auto* group : {&lv.down, &lv.up})
         for (auto& blk : *group)
           if (!blk.stateful) lv.big_width = std::max(lv.big_width, blk.ff1.out);
-      for (auto* buf : {&lv.s, &lv.u, &lv.y}) buf->resize(B_ * lv.Hp);
-      lv.z.resize(kMaxMembers * B_ * lv.Hp);
-      lv.big.resize(B_ * lv.big_width);
-      lv.skips.resize(B_ * lv.Hp * (int64_t)(lv.down.size() + 1));
+      for (auto* buf : {&lv.s, &lv.u, &lv.y, &lv.z}) buf->resize(kHalves * B_ * lv.Hp);
+      lv.big.resize(kHalves * B_ * lv.big_width);
+      lv.skips.resize(kHalves * B_ * lv.Hp * (int64_t)(lv.down.size() + 1));
+      part_width_ = std::max(part_width_, lv.big_width);
+      if (lv.p > 0) {
+        lv.buffer1.resize(B_ * lv.p * lv.Hp);
+        lv.pending1.resize(B_ * lv.p * lv.Hp);
+        part_width_ = std::max(part_width_, lv.p * lv.Hp);
+      }
     }
-    for (size_t i = 0; i + 1 < levels_.size(); ++i) levels_[i].coarse.resize(B_ * levels_[i + 1].Hp);
-    x0_.resize(B_ * H0p_);
-    logits_.resize(B_ * head_.out);
+    for (size_t i = 0; i + 1 < levels_.size(); ++i) {
+      levels_[i].coarse.resize(kHalves * B_ * levels_[i + 1].Hp);
+      part_width_ = std::max(part_width_, levels_[i + 1].Hp);
+    }
+    x0_.resize(kHalves * B_ * H0p_);
+    logits_.resize(kHalves * B_ * head_.out);
+    part_width_ = std::max(part_width_, head_.out);
+    parts_.resize(2 * kHalves * B_ * part_width_);
     phase_.assign(levels_.size() - 1, 0);
     finalized_ = true;
   }
@@ -200,6 +235,7 @@ class EngineModel {
  protected:
   int64_t B_, V_, H0p_ = 0;
   std::vector<at::Tensor> kept_;  // every tensor whose memory the engine reads or writes
+  std::vector<Scratch> owned_;    // the engine's own memory (tiled SSM parameters and states)
   float* embedding_ = nullptr;
   std::vector<Level> levels_;     // pooling levels, then the centre
   bool has_center_ = false, finalized_ = false, has_out_norm_ = false;
@@ -207,7 +243,9 @@ class EngineModel {
   std::vector<int64_t> built_signature_ = {0, 0};
   Norm head_norm_;
   Linear head_;
-  Scratch x0_, logits_;
+  Scratch x0_, logits_;            // kHalves copies (member 0's first: the official logits)
+  Scratch parts_;                  // partial sums of split Linears: [2 alternating sets][kHalves][B][part_width_]
+  int64_t part_width_ = 0;
   std::vector<int64_t> phase_;    // per pooling level: inputs waiting in its DownPool (shared by all rows)
 
   static int64_t padded(int64_t h) { return (h + VL - 1) / VL * VL; }
@@ -224,6 +262,12 @@ class EngineModel {
     const int64_t* p = t.data_ptr<int64_t>();
     for (int64_t b = 0; b < B_; ++b)
       TORCH_CHECK(p[b] >= 0 && p[b] < V_, "sashimi_step: token ", p[b], " outside [0, ", V_, ")");
+  }
+
+  float* alloc(int64_t n) {
+    owned_.emplace_back();
+    owned_.back().resize(n);
+    return owned_.back().data;
   }
 
   float* keep(const at::Tensor& t) {

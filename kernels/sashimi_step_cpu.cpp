@@ -24,19 +24,24 @@
 //   * a Linear is packed into panels of 16 output columns: w[(j * in + k) * 16 + c] = W[16 j + c, k]
 //     with `in` the padded input width and out = 16 * panels the padded output width (float32, or
 //     float16 storage widened to float32 as it is loaded);
-//   * S4 state (B, H, n) complex64 as s4lib's default_state (viewed as float32 (B, H, 2n)), DPLR
-//     auxiliaries (B, H, 2r); DownPool buffer (B, p, Hp); UpPool pending (B, p * Hp).
+//   * S4 state (B, H, n) complex64 as s4lib's default_state (viewed as float32 (B, H, 2n)): the state
+//     tensors Python sees; the step runs on the engine's own copy tiled over channels
+//     (s4_layer_step.h, TiledSSM: refresh() loads the tensors into it, export_states() writes it back);
+//     DownPool buffer (B, p, Hp); UpPool pending (B, p * Hp).
 //
 // Threads, two ways (set_threads / set_split; results are bitwise the same for any count and either way):
 //   * rows: rows are independent sequences, so a batch is split into one contiguous slice of rows per
 //     thread (at::parallel_for), and each thread runs whole steps (and, in generate(), the whole
 //     sampling loop) on its slice without synchronising; every thread reads all the parameters.
-//   * columns (small batches, batch 1): the members of a persistent team (kernels/step_team.h) run
-//     every step together on all rows, each owning the same VL-wide column panels of every activation
-//     at a level (SSM channels, GEMM output panels, residual columns) and so half of every weight
-//     matrix (two members); a barrier precedes each operation that reads columns another member wrote
-//     (LayerNorm, GEMM inputs), about two per block. LayerNorm statistics are computed by every member
-//     over the whole row, in the same order, into private scratch.
+//   * columns (small batches, batch 1): two members of a persistent team (kernels/step_team.h) run
+//     every step together on all rows. Every SSM's channels and every Linear's inputs are cut in two
+//     halves (whole VL panels); member g steps the SSM tiles of half g and computes the partial sum of
+//     each Linear over the inputs of half g (the output Linear of an S4 block reads exactly the SSM
+//     channels the member computed; the second Linear of an FF block the hidden units it computed).
+//     After one barrier per block each member adds bias + part 0 + part 1 (in that order) into its own
+//     copy of the activations, so LayerNorm, GLU, residuals and sampling need no further barrier
+//     (both members sample the same token from the same logits). One thread computes the two halves
+//     one after the other, in the same order: the same numbers.
 // Linear layers are small GEMMs with register tiles of up to 8 rows x 8 vectors; an output's sum is
 // the same sequence of operations whatever the tile or the member that computes it.
 //
@@ -81,7 +86,8 @@ class Engine : public EngineModel {
     float* out = logits.data_ptr<float>();
     dispatch(threads_, [&](int64_t r0, int64_t R, const Part& part) {
       std::vector<int64_t> phase = phase_;
-      forward_rows(tok + r0, r0, R, phase.data(), part);
+      Ctx c = context(part, r0, R);
+      forward_rows(tok + r0, phase.data(), c);
     });
     for (int64_t b = 0; b < B_; ++b) std::memcpy(out + b * V_, logits_.data + b * head_.out, V_ * sizeof(float));
     advance_phases(1);
@@ -116,22 +122,22 @@ class Engine : public EngineModel {
       py::gil_scoped_release nogil;
       dispatch(threads, [&](int64_t r0, int64_t R, const Part& part) {
         std::vector<int64_t> phase = phase_;
-        float* x0 = x0_.data + r0 * H0p_;
-        const auto [c0, c1] = columns(part, H0p_);
-        copy_cols(x0, H0p_, in + r0 * H0, H0, R, c0, std::min(c1, H0));
-        float* yl = level_step(0, x0, r0, R, phase.data(), part);
+        Ctx c = context(part, r0, R);
+        float* x0 = mine(x0_, H0p_, c);
+        copy_cols(x0, H0p_, in + r0 * H0, H0, R, 0, H0);
+        float* yl = level_step(0, x0, phase.data(), c);
         if (has_out_norm_) {
-          part.sync();
-          float* z = zbuf(levels_[0], part, r0);
+          float* z = mine(levels_[0].z, H0p_, c);
           layer_norm(yl, R, head_norm_, z);
           yl = z;
         }
-        copy_cols(out + r0 * H0, H0, yl, H0p_, R, c0, std::min(c1, H0));
+        if (c.mi == 0) copy_cols(out + r0 * H0, H0, yl, H0p_, R, 0, H0);
       });
       // levels that ran this step: level i + 1 ran iff level i fired
       while (ran < (int64_t)levels_.size() && phase_[ran - 1] == levels_[ran - 1].p - 1) ++ran;
       slot = ran <= (int64_t)phase_.size() ? phase_[ran - 1] : -1;
       advance_phases(1);
+      export_states(ran);  // the state tensors of the levels that ran, for the dict's copies
     }
     dict_.update(state, memory_, B_, ran, slot, x_obj);
     return py::make_tuple(y, 0);
@@ -184,22 +190,24 @@ class Engine : public EngineModel {
     const int64_t t1 = std::min(n, t0 + chunk);
     dispatch(threads_, [&](int64_t r0, int64_t R, const Part& part) {
       std::vector<int64_t> phase = phase_;
+      Ctx c = context(part, r0, R);
       SampleScratch scratch;
-      const auto [s0, s1] = part.range(R);  // the rows this member samples
+      // every member samples every row (the same logits, the same rule: the same tokens), so the
+      // next step needs no barrier; member 0 writes the results
+      std::vector<int64_t> mine_tokens(current.begin() + r0, current.begin() + r0 + R);
+      const float* logits = mine(logits_, head_.out, c);
       for (int64_t t = t0; t < t1; ++t) {
-        forward_rows(current.data() + r0, r0, R, phase.data(), part);
-        part.sync();  // every member's logits panels are written
-        for (int64_t r = s0; r < s1; ++r) {
+        forward_rows(mine_tokens.data(), phase.data(), c);
+        for (int64_t r = 0; r < R; ++r) {
           const int64_t b = r0 + r;
           double lp;
-          const int64_t chosen = sample_row(logits_.data + b * head_.out, V_, u[b * n + t], temperature, top_k,
-                                            top_p, scratch, &lp);
-          tok_out[b * n + t] = chosen;
-          lp_out[b * n + t] = lp;
-          current[b] = chosen;
+          const int64_t chosen = sample_row(logits + r * head_.out, V_, u[b * n + t], temperature, top_k, top_p,
+                                            scratch, &lp);
+          if (c.mi == 0) tok_out[b * n + t] = chosen, lp_out[b * n + t] = lp;
+          mine_tokens[r] = chosen;
         }
-        part.sync();  // every row's token is chosen before the next step reads the embeddings
       }
+      if (c.mi == 0) std::copy(mine_tokens.begin(), mine_tokens.end(), current.begin() + r0);
     }, t1 - t0);
     advance_phases(t1 - t0);
     }
@@ -249,7 +257,8 @@ class Engine : public EngineModel {
       }, T);
       return;
     }
-    Team::instance().run((int)T, [&](const Part& part) {
+    sync_copies();
+    Team::instance().run((int)std::min<int64_t>(T, kHalves), [&](const Part& part) {
       FlushDenormals flush;
       f(0, B_, part);
     });
@@ -266,13 +275,6 @@ class Engine : public EngineModel {
 
   bool splits_columns(int64_t T) const { return T > 1 && (split_ == 2 || (split_ == 0 && B_ < kColumnsBelow)); }
 
-  // This member's columns [c0, c1) of a padded width Hp (whole VL panels).
-  static std::pair<int64_t, int64_t> columns(const Part& part, int64_t Hp) {
-    const auto [a, b] = part.range(Hp / VL);
-    return {a * VL, b * VL};
-  }
-  float* zbuf(Level& lv, const Part& part, int64_t r0) { return lv.z.data + (part.m * B_ + r0) * lv.Hp; }
-
   static void copy_cols(float* dst, int64_t ldd, const float* src, int64_t lds, int64_t R, int64_t c0, int64_t c1) {
     if (c1 > c0)
       for (int64_t r = 0; r < R; ++r) std::memcpy(dst + r * ldd + c0, src + r * lds + c0, (c1 - c0) * sizeof(float));
@@ -283,119 +285,158 @@ class Engine : public EngineModel {
       for (int64_t h = c0; h < c1; h += VL) vstore(y + r * ld + h, vload(y + r * ld + h) + vload(a + r * ld + h));
   }
 
-  // One step for rows [r0, r0 + R): tokens -> logits_ rows (this member's panels).
-  void forward_rows(const int64_t* tokens, int64_t r0, int64_t R, int64_t* phase, const Part& part) {
-    float* x = x0_.data + r0 * H0p_;
-    const auto [c0, c1] = columns(part, H0p_);
-    for (int64_t r = 0; r < R; ++r)
-      if (c1 > c0) std::memcpy(x + r * H0p_ + c0, embedding_ + tokens[r] * H0p_ + c0, (c1 - c0) * sizeof(float));
-    float* y = level_step(0, x, r0, R, phase, part);
-    float* z = zbuf(levels_[0], part, r0);
-    part.sync();
-    layer_norm(y, R, head_norm_, z);
-    const auto [q0, q1] = part.range(head_.out / VL);
-    gemm<false>(z, H0p_, R, head_, logits_.data + r0 * head_.out, head_.out, q0, q1);
+  // What one member computes of a step: rows [r0, r0 + R), its copy mi of the scratch, the halves
+  // [g0, g1) of every split operation, and the set of partial sums in use (alternating at each barrier:
+  // a member that runs ahead writes the other set while its partner still reads this one).
+  struct Ctx {
+    const Part& part;
+    int64_t r0, R;
+    int mi, g0, g1;
+    int set = 0;
+  };
+  static Ctx context(const Part& part, int64_t r0, int64_t R) {
+    if (part.T > 1) return Ctx{part, r0, R, part.m, part.m, part.m + 1};
+    return Ctx{part, r0, R, 0, 0, (int)kHalves};
+  }
+  static std::pair<int64_t, int64_t> half(int64_t units, int g) { return {units * g / kHalves, units * (g + 1) / kHalves}; }
+  float* mine(Scratch& s, int64_t width, const Ctx& c) const { return s.data + (c.mi * B_ + c.r0) * width; }
+  float* part_buf(const Ctx& c, int g) const { return parts_.data + ((c.set * kHalves + g) * B_ + c.r0) * part_width_; }
+
+  // The partial sum of L's inputs in half g (in whole VL panels of `units` = L.in / VL) into part g.
+  void split_part(const Ctx& c, int g, const float* x, int64_t ldx, const Linear& L) const {
+    const auto [k0, k1] = half(L.in / VL, g);
+    gemm_part(x, ldx, c.R, L, part_buf(c, g), part_width_, k0 * VL, k1 * VL);
+  }
+  // out (R, ldo) = (ACC: out +) ((bias + part 0) + part 1), once every member has written its parts.
+  template <bool ACC>
+  void join(Ctx& c, const Linear& L, float* out, int64_t ldo) {
+    c.part.sync();
+    const float* p0 = part_buf(c, 0);
+    const float* p1 = part_buf(c, 1);
+    for (int64_t r = 0; r < c.R; ++r)
+      for (int64_t h = 0; h < L.out; h += VL) {
+        const vf v = (vload(L.b + h) + vload(p0 + r * part_width_ + h)) + vload(p1 + r * part_width_ + h);
+        float* o = out + r * ldo + h;
+        vstore(o, ACC ? vload(o) + v : v);
+      }
+    c.set ^= 1;
   }
 
-  void block_step(const Block& blk, float* x, int64_t r0, int64_t R, Level& lv, const Part& part) {
-    const int64_t Hp = lv.Hp, P = Hp / VL;
-    float* z = zbuf(lv, part, r0);
-    float* s = lv.s.data + r0 * Hp;
-    float* big = lv.big.data + r0 * lv.big_width;
-    const auto [c0, c1] = columns(part, Hp);
-    part.sync();  // x is complete
+  // One step: tokens -> this member's copy of the logits rows.
+  void forward_rows(const int64_t* tokens, int64_t* phase, Ctx& c) {
+    float* x = mine(x0_, H0p_, c);
+    for (int64_t r = 0; r < c.R; ++r) std::memcpy(x + r * H0p_, embedding_ + tokens[r] * H0p_, H0p_ * sizeof(float));
+    float* y = level_step(0, x, phase, c);
+    float* z = mine(levels_[0].z, H0p_, c);
+    layer_norm(y, c.R, head_norm_, z);
+    for (int g = c.g0; g < c.g1; ++g) split_part(c, g, z, H0p_, head_);
+    join<false>(c, head_, mine(logits_, head_.out, c), head_.out);
+  }
+
+  // x (R rows of Hp, this member's copy) through one block; one barrier (in join).
+  void block_step(const Block& blk, float* x, Level& lv, Ctx& c) {
+    const int64_t Hp = lv.Hp, P = Hp / VL, R = c.R;
+    float* z = mine(lv.z, Hp, c);
+    float* s = mine(lv.s, Hp, c);
+    float* big = mine(lv.big, lv.big_width, c);
     const float* in = x;
     if (blk.prenorm) {
       layer_norm(x, R, blk.norm, z);
       in = z;
     }
     if (blk.stateful) {
-      const int64_t per_row = blk.H * 2 * blk.ssm.n;
-      float* x_state = blk.state + r0 * per_row;
-      const auto [h0, h1] = panel_channels(part.range(P), blk.H);
-      ssm_rows(blk.ssm, in, Hp, x_state, x_state, blk.aux ? blk.aux + r0 * blk.H * 2 * blk.ssm.rank : nullptr, true,
-               s, Hp, R, h0, h1);
-      part.sync();  // s is complete
-      gemm<false>(s, Hp, R, blk.out, big, lv.big_width, c0 / VL, c1 / VL);
-      gemm<false>(s, Hp, R, blk.out, big, lv.big_width, P + c0 / VL, P + c1 / VL);
-      glu_rows<true>(big, lv.big_width, Hp, x, Hp, R, c0, c1);  // x += GLU(big) = a * sigmoid(b)
+      for (int g = c.g0; g < c.g1; ++g) {  // the SSM channels of half g, then their part of the output Linear
+        const auto [t0, t1] = half(P, g);
+        ssm_tiled(blk.tiled, in, Hp, blk.tstate + c.r0 * blk.tiled.state_floats(),
+                  blk.taux + c.r0 * blk.tiled.aux_floats(), s, Hp, R, t0, t1);
+        split_part(c, g, s, Hp, blk.out);
+      }
+      join<false>(c, blk.out, big, lv.big_width);
+      glu_rows<true>(big, lv.big_width, Hp, x, Hp, R);  // x += GLU(big) = a * sigmoid(b)
     } else {
-      const auto [f0, f1] = part.range(blk.ff1.out / VL);
-      gemm<false>(in, Hp, R, blk.ff1, big, lv.big_width, f0, f1);
-      for (int64_t r = 0; r < R; ++r)
-        for (int64_t h = f0 * VL; h < f1 * VL; h += VL)
-          vstore(big + r * lv.big_width + h, vgelu(vload(big + r * lv.big_width + h)));
-      part.sync();  // the hidden layer is complete
-      gemm<true>(big, lv.big_width, R, blk.ff2, x, Hp, c0 / VL, c1 / VL);
+      for (int g = c.g0; g < c.g1; ++g) {  // hidden units of half g, then their part of the second Linear
+        const auto [f0, f1] = half(blk.ff1.out / VL, g);
+        gemm<false>(in, Hp, R, blk.ff1, big, lv.big_width, f0, f1);
+        for (int64_t r = 0; r < R; ++r)
+          for (int64_t h = f0 * VL; h < f1 * VL; h += VL)
+            vstore(big + r * lv.big_width + h, vgelu(vload(big + r * lv.big_width + h)));
+        split_part(c, g, big, lv.big_width, blk.ff2);
+      }
+      join<true>(c, blk.ff2, x, Hp);
     }
     if (!blk.prenorm) {
-      part.sync();
       layer_norm(x, R, blk.norm, z);
-      part.sync();
-      copy_cols(x, Hp, z, Hp, R, c0, c1);
+      copy_cols(x, Hp, z, Hp, R, 0, Hp);
     }
   }
 
-  // Level i on input x (R rows of Hp floats); returns the output rows (in this level's scratch).
-  // Every member runs the same control flow on its columns.
-  float* level_step(size_t i, float* x, int64_t r0, int64_t R, int64_t* phase, const Part& part) {
+  // Level i on input x (R rows of Hp floats, this member's copy); returns the output rows (in this
+  // member's scratch). Every member runs the same control flow on the whole width.
+  float* level_step(size_t i, float* x, int64_t* phase, Ctx& c) {
     Level& lv = levels_[i];
-    const int64_t Hp = lv.Hp, n = R * Hp;
-    const auto [c0, c1] = columns(part, Hp);
-    float* y = lv.y.data + r0 * Hp;
+    const int64_t Hp = lv.Hp, R = c.R, n = R * Hp;
+    float* y = mine(lv.y, Hp, c);
     if (lv.p == 0) {  // centre: blocks(x) + x
-      copy_cols(y, Hp, x, Hp, R, c0, c1);
-      for (const Block& blk : lv.up) block_step(blk, y, r0, R, lv, part);
-      add_cols(y, x, Hp, R, c0, c1);
+      copy_cols(y, Hp, x, Hp, R, 0, Hp);
+      for (const Block& blk : lv.up) block_step(blk, y, lv, c);
+      add_cols(y, x, Hp, R, 0, Hp);
       return y;
     }
     const bool unet = !lv.down.empty();
     const int64_t ns = (int64_t)lv.down.size() + 1;
-    float* skips = lv.skips.data + r0 * Hp * ns;  // ns slices of (R, Hp)
+    float* skips = lv.skips.data + (c.mi * B_ + c.r0) * Hp * ns;  // ns slices of (R, Hp)
+    float* buffer = (c.mi == 0 ? lv.buffer : lv.buffer1.data) + c.r0 * lv.p * Hp;
+    float* pending = (c.mi == 0 ? lv.pending : lv.pending1.data) + c.r0 * lv.p * Hp;
     if (unet) {
-      copy_cols(skips, Hp, x, Hp, R, c0, c1);
+      copy_cols(skips, Hp, x, Hp, R, 0, Hp);
       for (size_t j = 0; j < lv.down.size(); ++j) {
         float* next = skips + (j + 1) * n;
-        copy_cols(next, Hp, skips + j * n, Hp, R, c0, c1);
-        block_step(lv.down[j], next, r0, R, lv, part);
+        copy_cols(next, Hp, skips + j * n, Hp, R, 0, Hp);
+        block_step(lv.down[j], next, lv, c);
       }
       x = skips + (ns - 1) * n;
     }
     // up path from the pending outputs of the previous coarse step
     const int64_t ph = phase[i];
-    copy_cols(y, Hp, lv.pending + r0 * lv.p * Hp + ph * Hp, lv.p * Hp, R, c0, c1);
+    copy_cols(y, Hp, pending + ph * Hp, lv.p * Hp, R, 0, Hp);
     if (unet) {
       int64_t top = ns - 1;
-      add_cols(y, skips + top-- * n, Hp, R, c0, c1);
+      add_cols(y, skips + top-- * n, Hp, R, 0, Hp);
       for (const Block& blk : lv.up) {
-        block_step(blk, y, r0, R, lv, part);
-        add_cols(y, skips + top-- * n, Hp, R, c0, c1);
+        block_step(blk, y, lv, c);
+        add_cols(y, skips + top-- * n, Hp, R, 0, Hp);
       }
     } else {
-      float* u = lv.u.data + r0 * Hp;
-      add_cols(y, x, Hp, R, c0, c1);
-      copy_cols(u, Hp, y, Hp, R, c0, c1);
-      for (const Block& blk : lv.up) block_step(blk, y, r0, R, lv, part);
-      add_cols(y, u, Hp, R, c0, c1);
+      float* u = mine(lv.u, Hp, c);
+      add_cols(y, x, Hp, R, 0, Hp);
+      copy_cols(u, Hp, y, Hp, R, 0, Hp);
+      for (const Block& blk : lv.up) block_step(blk, y, lv, c);
+      add_cols(y, u, Hp, R, 0, Hp);
     }
     // the DownPool takes x; on its p-th input it fires and the coarser level runs
-    copy_cols(lv.buffer + r0 * lv.p * Hp + ph * Hp, lv.p * Hp, x, Hp, R, c0, c1);
+    copy_cols(buffer + ph * Hp, lv.p * Hp, x, Hp, R, 0, Hp);
     if (++phase[i] == lv.p) {
       phase[i] = 0;
       const int64_t Hn = levels_[i + 1].Hp;
-      float* coarse = lv.coarse.data + r0 * Hn;
-      part.sync();  // the buffer is complete
-      const auto [d0, d1] = part.range(Hn / VL);
-      gemm<false>(lv.buffer + r0 * lv.p * Hp, lv.p * Hp, R, lv.down_pool, coarse, Hn, d0, d1);
-      float* c = level_step(i + 1, coarse, r0, R, phase, part);
-      part.sync();  // the coarse output is complete
-      for (int64_t k = 0; k < lv.p; ++k)  // pending slot k: this member's columns of it
-        gemm<false>(c, Hn, R, lv.up_pool, lv.pending + r0 * lv.p * Hp, lv.p * Hp, k * (Hp / VL) + c0 / VL,
-                    k * (Hp / VL) + c1 / VL);
+      float* coarse = mine(lv.coarse, Hn, c);
+      for (int g = c.g0; g < c.g1; ++g) split_part(c, g, buffer, lv.p * Hp, lv.down_pool);
+      join<false>(c, lv.down_pool, coarse, Hn);
+      float* out = level_step(i + 1, coarse, phase, c);
+      for (int g = c.g0; g < c.g1; ++g) split_part(c, g, out, Hn, lv.up_pool);
+      join<false>(c, lv.up_pool, pending, lv.p * Hp);
     }
     return y;
   }
 
+  // Member 1's copies of the pooling buffers from the official ones (before a split step: the steps
+  // before may have run on one thread).
+  void sync_copies() {
+    for (Level& lv : levels_)
+      if (lv.p > 0) {
+        std::memcpy(lv.buffer1.data, lv.buffer, B_ * lv.p * lv.Hp * sizeof(float));
+        std::memcpy(lv.pending1.data, lv.pending, B_ * lv.p * lv.Hp * sizeof(float));
+      }
+  }
 };
 
 }  // namespace sashimi_step
@@ -420,6 +461,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("signature", &Engine::signature)
       .def("finalize", &Engine::finalize)
       .def("refresh", &Engine::refresh)
+      .def("export_states", &Engine::export_states, py::arg("levels") = -1)
       .def("phases", &Engine::phases)
       .def("set_phases", &Engine::set_phases)
       .def("step", &Engine::step, py::call_guard<py::gil_scoped_release>())

@@ -151,18 +151,19 @@ static inline vf vload_half(const uint16_t* p) {
 }
 
 // y[r, j0*VL : (j0+P)*VL] (+)= x[r, :in] W^T + b for R rows: R x P accumulators stay in registers.
-template <int R, int P, bool ACC, bool HALF = false>
+// BIAS = false: the partial sum over the inputs [k0, k1) only, without the bias (x indexed from 0).
+template <int R, int P, bool ACC, bool HALF = false, bool BIAS = true>
 static inline void gemm_tile(const float* __restrict x, int64_t ldx, const Linear& L, int64_t j0,
-                             float* __restrict y, int64_t ldy) {
+                             float* __restrict y, int64_t ldy, int64_t k0 = 0, int64_t k1 = -1) {
   vf acc[R][P];
   for (int p = 0; p < P; ++p) {
-    vf bias = vload(L.b + (j0 + p) * VL);
+    vf bias = BIAS ? vload(L.b + (j0 + p) * VL) : vf{};
     for (int r = 0; r < R; ++r) acc[r][p] = ACC ? vload(y + r * ldy + (j0 + p) * VL) + bias : bias;
   }
-  const int64_t K = L.in, stride = K * VL;
+  const int64_t K = L.in, stride = K * VL, kend = k1 < 0 ? K : k1;
   const float* __restrict w = HALF ? nullptr : L.w + j0 * stride;
   const uint16_t* __restrict wh = HALF ? L.wh + j0 * stride : nullptr;
-  for (int64_t k = 0; k < K; ++k) {
+  for (int64_t k = k0; k < kend; ++k) {
     vf wv[P];
     for (int p = 0; p < P; ++p) wv[p] = HALF ? vload_half(wh + p * stride + k * VL) : vload(w + p * stride + k * VL);
     for (int r = 0; r < R; ++r) {
@@ -216,6 +217,40 @@ static void gemm(const float* x, int64_t ldx, int64_t rows, const Linear& L, flo
       case 6: gemm_rows<6, ACC>(xr, ldx, L, yr, ldy, p0, p1); break;
       case 7: gemm_rows<7, ACC>(xr, ldx, L, yr, ldy, p0, p1); break;
       default: gemm_rows<8, ACC>(xr, ldx, L, yr, ldy, p0, p1); break;
+    }
+  }
+}
+
+// y (rows, out) = sum over the inputs k0 <= k < k1 of x[:, k] W[:, k]^T (no bias): one part of a GEMM
+// split over its inputs (the caller adds the parts and the bias in a fixed order).
+template <int R, bool HALF>
+static void gemm_part_rows(const float* x, int64_t ldx, const Linear& L, float* y, int64_t ldy, int64_t k0,
+                           int64_t k1) {
+  constexpr int P = R == 1 ? 8 : (R <= 4 ? 4 : 2);
+  const int64_t panels = L.out / VL;
+  int64_t j = 0;
+  for (; j + P <= panels; j += P) gemm_tile<R, P, false, HALF, false>(x, ldx, L, j, y, ldy, k0, k1);
+  if constexpr (P > 4) {
+    for (; j + 4 <= panels; j += 4) gemm_tile<R, 4, false, HALF, false>(x, ldx, L, j, y, ldy, k0, k1);
+  }
+  if constexpr (P > 2) {
+    for (; j + 2 <= panels; j += 2) gemm_tile<R, 2, false, HALF, false>(x, ldx, L, j, y, ldy, k0, k1);
+  }
+  for (; j < panels; ++j) gemm_tile<R, 1, false, HALF, false>(x, ldx, L, j, y, ldy, k0, k1);
+}
+
+static void gemm_part(const float* x, int64_t ldx, int64_t rows, const Linear& L, float* y, int64_t ldy, int64_t k0,
+                      int64_t k1) {
+  for (int64_t r = 0; r < rows; r += 8) {
+    const float* xr = x + r * ldx;
+    float* yr = y + r * ldy;
+    const bool h = L.wh != nullptr;
+    switch (std::min<int64_t>(rows - r, 8)) {
+#define S4STEP_PART(N) case N: h ? gemm_part_rows<N, true>(xr, ldx, L, yr, ldy, k0, k1) \
+                               : gemm_part_rows<N, false>(xr, ldx, L, yr, ldy, k0, k1); break;
+      S4STEP_PART(1) S4STEP_PART(2) S4STEP_PART(3) S4STEP_PART(4) S4STEP_PART(5) S4STEP_PART(6) S4STEP_PART(7)
+      default: h ? gemm_part_rows<8, true>(xr, ldx, L, yr, ldy, k0, k1) : gemm_part_rows<8, false>(xr, ldx, L, yr, ldy, k0, k1);
+#undef S4STEP_PART
     }
   }
 }

@@ -201,30 +201,55 @@ namespace s4step {
 // Picks between one thread and a team of T for a repeated call, by timing both: results do not depend
 // on the choice, only the speed does, and on a shared machine the faster one can change (a partner
 // thread that is descheduled makes every barrier wait). Each call reports its wall time per unit of
-// work; the tuner keeps a running mean per choice, starts by trying both, and keeps trying the
-// other choice on 1 call in 32 so that it follows a change of load.
+// work; the tuner compares the medians of the last kWindow timings of each choice (one stalled call,
+// or the first call of a team, which starts its threads and warms its caches, does not decide), the
+// first timing of each choice is discarded, both are tried alternately until each has kWindow, and
+// the other choice is retried on 1 call in kExplore (1 in kExploreFar while it is more than 25 %
+// slower: each retrial of a much slower choice costs) so that a change of load is followed.
 class ThreadTuner {
  public:
+  static constexpr int kWindow = 5, kExplore = 16, kExploreFar = 64;
+
   // The thread count for the next call: 1 or T (T <= 1: 1).
   int pick(int T) {
     if (T <= 1) return 1;
     ++calls_;
     int which;
-    if (seen_[0] < 3 || seen_[1] < 3) which = calls_ & 1;                       // both, alternately, first
-    else which = mean_[1] < mean_[0] ? 1 : 0;
-    if (calls_ % 32 == 0) which ^= 1;                                            // keep sampling the other
+    int explore = kExplore;
+    if (count_[0] < kWindow || count_[1] < kWindow) {
+      which = calls_ & 1;  // both, alternately, first
+    } else {
+      const double one = median(0), team = median(1);
+      which = team < one ? 1 : 0;
+      if (std::max(one, team) > 1.25 * std::min(one, team)) explore = kExploreFar;
+    }
+    if (calls_ % explore == 0) which ^= 1;  // keep sampling the other
     return which ? T : 1;
   }
 
   void record(int threads, double seconds_per_unit) {
     const int which = threads > 1 ? 1 : 0;
-    mean_[which] = seen_[which] == 0 ? seconds_per_unit : 0.8 * mean_[which] + 0.2 * seconds_per_unit;
-    ++seen_[which];
+    if (!warm_[which]) {  // the first call of a choice: thread start-up and cold caches
+      warm_[which] = true;
+      return;
+    }
+    last_[which][next_[which]] = seconds_per_unit;
+    next_[which] = (next_[which] + 1) % kWindow;
+    count_[which] = std::min(count_[which] + 1, kWindow);
   }
 
  private:
-  double mean_[2] = {0, 0};
-  int64_t seen_[2] = {0, 0}, calls_ = 0;
+  double last_[2][kWindow] = {};
+  int next_[2] = {0, 0}, count_[2] = {0, 0};
+  bool warm_[2] = {false, false};
+  int64_t calls_ = 0;
+
+  double median(int which) const {
+    double v[kWindow];
+    std::copy(last_[which], last_[which] + count_[which], v);
+    std::sort(v, v + count_[which]);
+    return v[count_[which] / 2];
+  }
 };
 
 static inline double seconds_now() {

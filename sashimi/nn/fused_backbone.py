@@ -251,7 +251,8 @@ class BackboneEngine:
 
     def set_split(self, split: str) -> None:
         """How threads share a step: 'auto' (columns below 8 rows, else rows), 'rows' (each thread a
-        slice of the rows) or 'columns' (every thread all rows, a share of every layer's columns).
+        slice of the rows) or 'columns' (two threads, each all rows and one half of every SSM's channels
+        and of every Linear's inputs).
         The results are the same whichever way."""
         if split not in self.SPLITS:
             raise ValueError(f"split must be one of {self.SPLITS}, got {split!r}")
@@ -303,6 +304,7 @@ class BackboneEngine:
     def get_state(self) -> dict:
         """A copy of the state in WaveformAR.default_state's format (continues in model.step)."""
         B, phases = self.batch_size, self._engine.phases()
+        self._engine.export_states()  # the step runs on its own (tiled) copy of the S4 states
         state = {"down": [], "buffer": [], "pending": [], "center": [], "up": []}
         for i, p in enumerate(self.pool):
             H = self.widths[i]

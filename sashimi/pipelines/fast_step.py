@@ -107,7 +107,8 @@ class FastStepper(BackboneEngine):
     One stepper serves one caller at a time (it is not thread-safe). Threads: from 8 rows on,
     torch's threads take a slice of the rows each; below 8 rows, for a model as large as the
     presets (SPLIT_BYTES per step), the engine times its calls and runs each (64 steps at a time
-    in generate()) on one thread or on torch's threads splitting every step's columns, whichever
+    in generate()) on one thread or on two threads splitting every step in halves (each thread half
+    of every SSM's channels and of every Linear's inputs, one barrier per block), whichever
     has been faster lately; s4lib.step_threads(n) fixes n. The tokens and log-probabilities do not
     depend on the count or the way.
     """
@@ -124,8 +125,8 @@ class FastStepper(BackboneEngine):
     def _thread_arg(self) -> int:
         """The engine's thread argument: step_threads(n)'s n; at batch sizes below SPLIT_BATCH with
         torch given T > 1 threads and a model that reads at least SPLIT_BYTES per step, -T (the engine
-        times its calls, 64 steps at a time in generate(), and runs each on 1 or T threads splitting
-        the columns, whichever has been faster lately); else the policy's count (rows from 8 up)."""
+        times its calls, 64 steps at a time in generate(), and runs each on 1 thread or on 2 splitting
+        the step in halves, whichever has been faster lately); else the policy's count (rows from 8 up)."""
         n = s4_fused.threads_override()
         if n is not None:
             return n

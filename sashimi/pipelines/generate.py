@@ -156,7 +156,7 @@ def load_prefix(prefix, sample_rate: int, quantizer: Quantizer) -> tuple[torch.T
     return tokens, info
 
 
-def _make_fast_stepper(model, batch_size: int, fast):
+def _make_fast_stepper(model, batch_size: int, fast, weights: str = "float32"):
     """(FastStepper or None, reason it is None)."""
     if fast is False:
         return None, "disabled (fast=False)"
@@ -165,7 +165,7 @@ def _make_fast_stepper(model, batch_size: int, fast):
     except ImportError as e:
         return None, f"sashimi.pipelines.fast_step cannot be imported ({e})"
     try:
-        return FastStepper(model, batch_size), ""
+        return FastStepper(model, batch_size, weights=weights), ""
     except FastPathUnavailable as e:
         return None, str(e) or type(e).__name__
 
@@ -179,18 +179,28 @@ class Generator:
     threads while the eager loop steps (1 by default: a step is many tiny ops, and extra threads
     only add synchronisation; None leaves torch's setting).
 
+    weights: the fast path's storage of the Linear layers' weights, 'float32' (default) or
+    'float16' (half the bytes of those weights per step, float32 arithmetic, SSM parameters in
+    float32; logits within 2e-3 of the largest logit of the float32 step, see FastStepper). The
+    eager loop always runs the model's own float32 weights, so with weights='float16' sampled
+    tokens can differ from it where two choices are that close.
+
     The model is put in eval mode and its recurrence prepared (setup_step) here; call
     `prepare()` again after changing its weights.
     """
 
-    def __init__(self, model: WaveformAR, batch_size: int = 1, fast="auto", step_threads: int | None = 1):
+    def __init__(self, model: WaveformAR, batch_size: int = 1, fast="auto", step_threads: int | None = 1,
+                 weights: str = "float32"):
         if not isinstance(model, WaveformAR):
             raise TypeError(f"Generator needs a sashimi WaveformAR, got {type(model).__name__}")
         check_int("batch_size", batch_size, 1)
         if fast not in (True, False, "auto"):
             raise ValueError(f"fast must be True, False or 'auto', got {fast!r}")
         check_int("step_threads", step_threads, 1, allow_none=True)
+        if weights not in ("float32", "float16"):
+            raise ValueError(f"weights must be 'float32' or 'float16', got {weights!r}")
         self.model, self.batch_size, self.fast, self.step_threads = model, batch_size, fast, step_threads
+        self.weights = weights
         config = model.config
         self.sample_rate = config.sample_rate
         self.quantizer = config.quantizer()
@@ -202,7 +212,7 @@ class Generator:
         self.model.eval()
         self.model.setup_step()
         self.device = next(self.model.parameters()).device
-        self.stepper, self.fast_reason = _make_fast_stepper(self.model, self.batch_size, self.fast)
+        self.stepper, self.fast_reason = _make_fast_stepper(self.model, self.batch_size, self.fast, self.weights)
         if self.stepper is None and self.fast is True:
             raise RuntimeError(f"the fast generation path is unavailable: {self.fast_reason}")
         if self.stepper is None and self.fast == "auto":
@@ -262,6 +272,7 @@ class Generator:
         settings = {"n_samples": n_samples, "n_steps": n_steps, "seconds": n_steps / self.sample_rate,
                     "sample_rate": self.sample_rate, "temperature": sampling[0], "top_k": sampling[1],
                     "top_p": sampling[2], "seed": seed, "batch_size": self.batch_size, "path": self.path,
+                    "weights": self.weights if self.stepper is not None else "float32",
                     "fast_path_unavailable_reason": self.fast_reason or None, "prefix": prefix_info}
         return GenerationResult(audio=audio, tokens=tokens, logprobs=joined("logprobs", "generated"),
                                 prefix_logprobs=joined("logprobs", "prefix"), prefix_len=prefix_len,

@@ -504,3 +504,47 @@ def test_tuned_default_threads_give_the_one_thread_result():
         expected_logits = [one.step(got[0][:, -1]) for _ in range(40)]
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
     assert all(torch.equal(a, b) for a, b in zip(logits, expected_logits))
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"mode": "dplr"},
+    {"mode": "diag"},
+    {"mode": "dplr", "rank": 2},
+    {"mode": "dplr", "d_model": 20, "d_state": 6, "ff": 3},   # a partial tile of channels, tiny state
+    {"mode": "diag", "d_model": 40, "d_state": 10},
+], ids=["dplr", "diag", "dplr-rank-2", "dplr-padding", "diag-padding"])
+def test_tiled_ssm_step_matches_the_float64_eager_step(kwargs):
+    """The engine's S4 layers run on states tiled over channels (kernels/s4_layer_step.h, TiledSSM):
+    logits and exported states against the eager step of the same model in float64, over 300 steps
+    (1 and 2 threads splitting the tiles; the state leaves the tiles through get_state)."""
+    torch.manual_seed(33)
+    kwargs = dict(kwargs)
+    rank_two = kwargs.pop("rank", None)
+    config = ModelConfig(**{**ModelConfig(name="t", d_model=32, n_layers=1, d_state=16).__dict__, **kwargs})
+    if rank_two:
+        config = _RankTwo(**config.__dict__)
+    model = WaveformAR(config).eval()
+    model.setup_step()
+    B = 2
+    tokens = torch.randint(0, 256, (B, 300))
+    reference = WaveformAR(config).double().eval()
+    reference.load_state_dict(model.state_dict())
+    reference.setup_step()
+    with torch.no_grad():
+        steppers = {threads: FastStepper(model, B) for threads in (1, 2)}
+        state = reference.default_state(B)
+        for t in range(tokens.shape[1]):
+            exact, state = reference.step(tokens[:, t], state)
+            for threads, stepper in steppers.items():
+                with s4lib.step_threads(threads):
+                    fast = stepper.step(tokens[:, t])
+                err = relative_error(fast.double(), exact)
+                assert err <= 1e-5, (kwargs, threads, t, err)
+        for stepper in steppers.values():
+            got = stepper.get_state()
+            for key in ("down", "up", "center"):
+                flat_got = [s for level in got[key] for s in (level if isinstance(level, list) else [level])]
+                flat_ref = [s for level in state[key] for s in (level if isinstance(level, list) else [level])]
+                for a, b in zip(flat_got, flat_ref):
+                    if b is not None:
+                        assert relative_error(a.to(torch.complex128), b) <= 1e-5, (kwargs, key)

@@ -558,3 +558,34 @@ def test_one_million_recurrent_steps_of_a_hurwitz_s4_stay_bounded():
     assert np.isfinite(peaks).all() and np.isfinite(y_peaks).all() and np.isfinite(x).all()
     assert peaks.max() < 1e3
     assert peaks[-100:].max() <= 2 * peaks[:100].max()  # no growth over the run
+
+
+def test_float16_weights_generator_stays_within_the_documented_bound(trained, run_dir):
+    """Generator(weights='float16'): the log-probabilities it reports for its own tokens are those of
+    the float64 model (convolution mode, teacher-forced on the same tokens) to within twice the
+    documented logit bound (FastStepper: 2e-3 of the largest logit; a log-softmax moves by at most
+    twice its inputs' largest change); float32 storage stays at round-off."""
+    from sashimi.training.checkpoint import load_checkpoint, model_from_checkpoint
+
+    ok, reason = _fast_status()
+    if not ok:
+        skip_unless_ci(f"fast path unavailable here (fast_path_status): {reason}")
+    with pytest.raises(ValueError, match="weights"):
+        Generator(trained, batch_size=2, weights="bfloat16")
+    reference = model_from_checkpoint(load_checkpoint(os.path.join(run_dir, "last.pt"))).double().eval()
+    stride = trained.backbone.stride
+    for weights, bound in (("float16", 2 * 2e-3), ("float32", 1e-5)):
+        gen = Generator(trained, batch_size=2, fast=True, weights=weights)
+        result = gen.generate(2, n_steps=700, seed=3, temperature=0.9)
+        assert result.path == "fast" and result.settings["weights"] == weights
+        worst = 0.0
+        for i in range(2):
+            history = torch.cat([torch.full((1,), trained.config.zero_level), result.tokens[i, :-1]])
+            history = torch.nn.functional.pad(history, (0, -len(history) % stride), value=trained.config.zero_level)
+            with torch.no_grad():
+                logits = reference(history[None])[0, :result.tokens.shape[1]]
+            exact = torch.log_softmax(logits, dim=-1).gather(-1, result.tokens[i, :, None])[:, 0]
+            scale = float(logits.abs().max())
+            worst = max(worst, float((result.logprobs[i] - exact).abs().max()) / scale)
+        print(f"weights={weights}: worst log-probability error {worst:.2e} of the largest logit")
+        assert worst <= bound, f"weights={weights}: worst log-probability error {worst:.2e} of the largest logit"
