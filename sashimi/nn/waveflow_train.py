@@ -23,6 +23,7 @@ The backward reuses the saved stacked inputs, gate sigmoids and gate outputs.
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -81,6 +82,7 @@ class _BufferPool:
 
     def __init__(self):
         self.key, self.buffers = None, {}
+        self.lock = threading.Lock()  # two threads must not both take the same idle buffer
 
     @staticmethod
     def _refs(t: torch.Tensor) -> int:
@@ -88,21 +90,23 @@ class _BufferPool:
 
     def claim(self, N: int, like: torch.Tensor) -> "_BufferPool":
         key = (N, like.dtype, like.device)
-        if key != self.key:
-            self.key, self.buffers = key, {}
+        with self.lock:
+            if key != self.key:
+                self.key, self.buffers = key, {}
         return self
 
     def take(self, shape) -> torch.Tensor:
         shape = tuple(shape)
-        kept = self.buffers.setdefault(shape, [])
-        for base, idle in kept:
-            if self._refs(base) == idle:
-                return base.view(shape)
-        N, dtype, device = self.key
-        base = torch.empty(shape, dtype=dtype, device=device)
-        if _POOLING:
-            kept.append((base, self._refs(base)))
-        return base.view(shape)
+        with self.lock:
+            kept = self.buffers.setdefault(shape, [])
+            for base, idle in kept:
+                if self._refs(base) == idle:
+                    return base.view(shape)
+            N, dtype, device = self.key
+            base = torch.empty(shape, dtype=dtype, device=device)
+            if _POOLING:
+                kept.append((base, self._refs(base)))
+            return base.view(shape)
 
     def clear(self) -> None:
         self.key, self.buffers = None, {}
