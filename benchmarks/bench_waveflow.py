@@ -1,11 +1,12 @@
 """WaveFlow speed: vocoding (batch 1 and 8) and a training step, against an sgemm timed in the same run.
 
     PYTHONPATH=$PWD python benchmarks/bench_waveflow.py --presets waveflow-h16-r64 waveflow-cpu \
-        --threads 2 [--l0sg /path/to/L0SG-WaveFlow-checkout]
+        --threads 2 [--train-warmup --train-repeats 3] [--l0sg /path/to/L0SG-WaveFlow-checkout]
 
 Prints, per preset and mode: median and best wall time, samples/s, real-time factor at the model's
-rate, FLOP per sample (sashimi.nn.waveflow_fast.inverse_flops_per_sample; a training step counts 3x
-the forward), achieved GFLOP/s and its percentage of a 2048^3 float32 matmul timed at the start and
+rate, FLOP per sample (sashimi.nn.waveflow_fast.inverse_flops_per_sample: for our vocoding rows the
+products the fast inverse runs, folded=True; for L0SG's rows and for training, where a step counts 3x
+the forward, the network as defined), achieved GFLOP/s and its percentage of a 2048^3 float32 matmul timed at the start and
 the end of the run, and the load average. On a shared machine the CPU-time columns (best run's
 process CPU time; meaningful with --threads 1, where no thread spins waiting for another) estimate
 what one uncontended core does. With --l0sg, the public L0SG/WaveFlow h16-r64 model runs
@@ -56,11 +57,12 @@ def row(label, mode, timing, samples, rate, flop_per_sample, sgemm):
           f"{samples / cpu / rate:.3f} | {100 * cpu_gflops / sgemm[1]:.0f} % |", flush=True)
 
 
-def bench_ours(name, modes, seconds, repeats, train_repeats, sgemm):
+def bench_ours(name, modes, seconds, repeats, train_repeats, train_warmup, sgemm):
     config = PRESETS[name]
     model = perturbed(WaveFlow(config))
     rate, hop = config.sample_rate, config.hop_length
-    flops = inverse_flops_per_sample(config)
+    flops = inverse_flops_per_sample(config, folded=True)  # what the fast inverse computes
+    train_flops = 3 * inverse_flops_per_sample(config)
     frames = max(1, int(seconds * rate / hop))
     for mode in modes:
         if mode.startswith("vocode"):
@@ -79,12 +81,12 @@ def bench_ours(name, modes, seconds, repeats, train_repeats, sgemm):
                 (loss_sum / count).backward()
                 model.zero_grad(set_to_none=True)
 
-            *timing, _ = timed(step, train_repeats, warmup=False)
-            row(name, "train fwd+bwd batch 1", timing, 15872, rate, 3 * flops, sgemm)
+            *timing, _ = timed(step, train_repeats, warmup=train_warmup)
+            row(name, "train fwd+bwd batch 1", timing, 15872, rate, train_flops, sgemm)
             model.eval()
 
 
-def bench_l0sg(path, modes, seconds, repeats, train_repeats, sgemm):
+def bench_l0sg(path, modes, seconds, repeats, train_repeats, train_warmup, sgemm):
     sys.path.insert(0, path)
     from models.waveflow import WaveFlow as L0SGWaveFlow  # type: ignore
 
@@ -113,7 +115,7 @@ def bench_l0sg(path, modes, seconds, repeats, train_repeats, sgemm):
                 loss.backward()
                 model.zero_grad(set_to_none=True)
 
-            *timing, _ = timed(step, train_repeats, warmup=False)
+            *timing, _ = timed(step, train_repeats, warmup=train_warmup)
             row("L0SG h16-r64", "train fwd+bwd batch 1", timing, 15872, rate, 3 * flops, sgemm)
 
 
@@ -125,7 +127,9 @@ def main():
     p.add_argument("--seconds", type=float, default=1.0, help="audio per vocoded clip")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--train-repeats", type=int, default=1, help="timed training steps (no warm-up step)")
+    p.add_argument("--train-repeats", type=int, default=1, help="timed training steps (the median is reported)")
+    p.add_argument("--train-warmup", action="store_true",
+                   help="one untimed training step first (fills the allocator and the fused path's kept buffers)")
     p.add_argument("--l0sg", default=None, help="L0SG/WaveFlow checkout to run beside ours")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -139,9 +143,9 @@ def main():
           "| best CPU s | x real time per CPU-s | of sgemm per CPU-s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in args.presets:
-        bench_ours(name, args.modes, args.seconds, args.repeats, args.train_repeats, sgemm)
+        bench_ours(name, args.modes, args.seconds, args.repeats, args.train_repeats, args.train_warmup, sgemm)
     if args.l0sg:
-        bench_l0sg(args.l0sg, args.modes, args.seconds, args.repeats, args.train_repeats, sgemm)
+        bench_l0sg(args.l0sg, args.modes, args.seconds, args.repeats, args.train_repeats, args.train_warmup, sgemm)
     end = sgemm_rates()
     load = os.getloadavg()
     print(f"sgemm at end: {end[0]:.1f} GFLOP/s wall, {end[1]:.1f} GFLOP per CPU-s; load {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} "

@@ -186,8 +186,14 @@ class FlowNet(nn.Module):
         self.end = nn.Conv2d(channels, 2, 1)
         nn.init.zeros_(self.end.weight)
         nn.init.zeros_(self.end.bias)
+        # the conv width model runs as row-batched GEMMs with a hand-written backward
+        # (sashimi.nn.waveflow_train); False runs the modules above, the oracle it is tested against
+        self.fused = width_model == "conv"
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None):
+        if self.fused:
+            from .waveflow_train import flownet_fused
+            return flownet_fused(self, x, cond)
         h = self.start(x)
         skip = 0.0
         for layer in self.layers:

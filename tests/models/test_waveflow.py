@@ -136,6 +136,44 @@ def test_fast_inverse_equals_plain_for_any_dilations(dilations, h, w, batch, wid
                                rtol=1e-11, atol=1e-11)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("width_model", ["conv", "s4"])
+def test_fast_inverse_in_chunks_and_two_streams_equals_plain(threads, width_model):
+    """A batch inverted in chunks of whole examples (two at a time with two threads) gives the plain
+    inverse and each example's Σ log_s, whatever the chunk size."""
+    from sashimi.nn.waveflow_fast import FastInverse
+    model = randomized(tiny(h=8, width_model=width_model))
+    x, mel = inputs(model, 5, 64)
+    z, logdet = model(x, mel)
+    cond = model.condition_rows(mel, 64, 5)
+    plain = model.inverse(z, mel, method="plain")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for columns in (1, 16, 10_000):  # one example per chunk, two, the whole batch
+            x_fast, log_s = FastInverse(model, chunk_columns=columns).inverse(z, cond, return_log_s=True)
+            torch.testing.assert_close(x_fast, plain, rtol=1e-11, atol=1e-11)
+            torch.testing.assert_close(log_s, logdet, rtol=1e-11, atol=1e-11)
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_inverse_flops_count_the_folded_work():
+    from sashimi.nn.waveflow_fast import inverse_flops_per_sample
+    config = PRESETS["waveflow-h16-r64"]
+    nominal, folded = inverse_flops_per_sample(config), inverse_flops_per_sample(config, folded=True)
+    # h = 16, r = 64, 8 x 8, 80 mels: the folded products by hand (start, conditions, taps, [res; skip])
+    r, L, C, h = 64, 8, 80, 16
+    taps = 3 * (h - 1) - 3  # per layer: rows 0 and 1 skip two taps and one (d_h = 1)
+    by_hand = 8 * ((h - 1) * (2 * r + 2 * L * 2 * r * (C + 1) + (L - 1) * 2 * (r + 2) * (r + 1) + 2 * 2 * (r + 1))
+                   + L * taps * 2 * 2 * r * 3 * r) / h + 2 * 6 * C * (1 / 16 + 1)
+    assert folded == pytest.approx(by_hand, rel=1e-12)
+    assert 0.85 * nominal < folded < nominal
+    s4 = PRESETS["waveflow-s4-h16"]
+    assert inverse_flops_per_sample(s4, folded=True) == inverse_flops_per_sample(s4)
+
+
 def test_height_dilation_rule():
     assert height_dilations(16, 8) == (1,) * 8
     assert height_dilations(32, 8) == (1, 2, 4, 1, 2, 4, 1, 2)
