@@ -203,8 +203,7 @@ class EngineModel {
     x0_.resize(kHalves * B_ * H0p_);
     logits_.resize(kHalves * B_ * head_.out);
     part_width_ = std::max(part_width_, head_.out);
-    lanes_ = (int64_t)levels_.size();
-    parts_.resize(2 * lanes_ * kHalves * B_ * part_width_);
+    parts_.resize(2 * kHalves * B_ * part_width_);
     phase_.assign(levels_.size() - 1, 0);
     finalized_ = true;
   }
@@ -245,8 +244,8 @@ class EngineModel {
   Norm head_norm_;
   Linear head_;
   Scratch x0_, logits_;            // kHalves copies (member 0's first: the official logits)
-  Scratch parts_;                  // partial sums of split Linears: [2 alternating sets][lanes_][kHalves][B][part_width_]
-  int64_t part_width_ = 0, lanes_ = 1;
+  Scratch parts_;                  // partial sums of split Linears: [2 alternating sets][kHalves][B][part_width_]
+  int64_t part_width_ = 0;
   std::vector<int64_t> phase_;    // per pooling level: inputs waiting in its DownPool (shared by all rows)
 
   static int64_t padded(int64_t h) { return (h + VL - 1) / VL * VL; }

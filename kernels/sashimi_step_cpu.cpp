@@ -125,7 +125,7 @@ class Engine : public EngineModel {
         Ctx c = context(part, r0, R);
         float* x0 = mine(x0_, H0p_, c);
         copy_cols(x0, H0p_, in + r0 * H0, H0, R, 0, H0);
-        float* yl = interleaves(c) ? interleaved_step(x0, phase.data(), c, false) : level_step(0, x0, phase.data(), c);
+        float* yl = level_step(0, x0, phase.data(), c);
         if (has_out_norm_) {
           float* z = mine(levels_[0].z, H0p_, c);
           layer_norm(yl, R, head_norm_, z);
@@ -293,7 +293,6 @@ class Engine : public EngineModel {
     int64_t r0, R;
     int mi, g0, g1;
     int set = 0;
-    int lane = 0;  // which partial sums a Linear uses: one lane per level whose work shares a barrier (forward_merged)
   };
   static Ctx context(const Part& part, int64_t r0, int64_t R) {
     if (part.T > 1) return Ctx{part, r0, R, part.m, part.m, part.m + 1};
@@ -301,9 +300,7 @@ class Engine : public EngineModel {
   }
   static std::pair<int64_t, int64_t> half(int64_t units, int g) { return {units * g / kHalves, units * (g + 1) / kHalves}; }
   float* mine(Scratch& s, int64_t width, const Ctx& c) const { return s.data + (c.mi * B_ + c.r0) * width; }
-  float* part_buf(const Ctx& c, int g) const {
-    return parts_.data + (((c.set * lanes_ + c.lane) * kHalves + g) * B_ + c.r0) * part_width_;
-  }
+  float* part_buf(const Ctx& c, int g) const { return parts_.data + ((c.set * kHalves + g) * B_ + c.r0) * part_width_; }
 
   // The partial sum of L's inputs in half g (in whole VL panels of `units` = L.in / VL) into part g.
   void split_part(const Ctx& c, int g, const float* x, int64_t ldx, const Linear& L) const {
@@ -314,12 +311,6 @@ class Engine : public EngineModel {
   template <bool ACC>
   void join(Ctx& c, const Linear& L, float* out, int64_t ldo) {
     c.part.sync();
-    add_parts<ACC>(c, L, out, ldo);
-    c.set ^= 1;
-  }
-  // The sum of join() without its barrier and without switching the set.
-  template <bool ACC>
-  void add_parts(const Ctx& c, const Linear& L, float* out, int64_t ldo) const {
     const float* p0 = part_buf(c, 0);
     const float* p1 = part_buf(c, 1);
     for (int64_t r = 0; r < c.R; ++r)
@@ -328,16 +319,13 @@ class Engine : public EngineModel {
         float* o = out + r * ldo + h;
         vstore(o, ACC ? vload(o) + v : v);
       }
+    c.set ^= 1;
   }
 
   // One step: tokens -> this member's copy of the logits rows.
   void forward_rows(const int64_t* tokens, int64_t* phase, Ctx& c) {
     float* x = mine(x0_, H0p_, c);
     for (int64_t r = 0; r < c.R; ++r) std::memcpy(x + r * H0p_, embedding_ + tokens[r] * H0p_, H0p_ * sizeof(float));
-    if (interleaves(c)) {
-      interleaved_step(x, phase, c, true);
-      return;
-    }
     float* y = level_step(0, x, phase, c);
     float* z = mine(levels_[0].z, H0p_, c);
     layer_norm(y, c.R, head_norm_, z);
@@ -345,143 +333,8 @@ class Engine : public EngineModel {
     join<false>(c, head_, mine(logits_, head_.out, c), head_.out);
   }
 
-  // A step split over a team runs its levels interleaved (interleaved_step) when no level has down
-  // blocks (the causal SaShiMi; a U-Net's coarser input depends on its down path: level_step).
-  bool interleaves(const Ctx& c) const {
-    if (c.part.T <= 1) return false;
-    for (const Level& lv : levels_)
-      if (!lv.down.empty()) return false;
-    return true;
-  }
-
-  // One step with the work of its levels interleaved, for a team: the same operations as level_step
-  // (the same numbers, bitwise), with fewer barriers. Without down blocks, the input of level i + 1 is
-  // the DownPool of level i's inputs, known when the step starts, and level i + 1's output reaches level
-  // i only through the UpPool's pending outputs, read from the next step on (the causal shift). So the
-  // levels that run in a step are streams of stages, each stage ending at the barrier of one split
-  // Linear, and the stages of all streams at the same position share one barrier (each stream its own
-  // lane of partial sums): level 0 (its blocks, then with `head` the output norm and the head into the
-  // logits) from stage 0, level i >= 1 from stage i - 1 (the DownPool of level i - 1 into level i's
-  // input, level i's blocks, the UpPool into level i - 1's pending outputs). A step in which level 1
-  // runs has 18 barriers instead of 35 (sc09), 19 instead of 53 when the centre runs too.
-  // Returns level 0's output rows (this member's copy).
-  float* interleaved_step(float* x, int64_t* phase, Ctx& c, bool head) {
-    const int64_t L = (int64_t)levels_.size(), R = c.R;
-    int64_t runs = 1;  // levels that run: level i + 1 iff level i fires
-    while (runs < L && phase[runs - 1] == levels_[runs - 1].p - 1) ++runs;
-    int64_t total = 0;
-    for (int64_t i = 0; i < runs; ++i) total = std::max(total, stage0(i) + stages(i, head));
-    {
-      Level& lv = levels_[0];  // the DownPool takes x
-      copy_cols(pool_buffer(lv, c) + phase[0] * lv.Hp, lv.p * lv.Hp, x, lv.Hp, R, 0, lv.Hp);
-    }
-    if (stages(0, head) == 0) level_start(0, x, phase, c);  // no stage of level 0 to start it
-    for (int64_t k = 0; k < total; ++k) {
-      for (int64_t i = 0; i < runs; ++i)
-        if (k >= stage0(i) && k < stage0(i) + stages(i, head)) c.lane = (int)i, stage(i, k - stage0(i), true, x, phase, c, head);
-      c.part.sync();
-      for (int64_t i = 0; i < runs; ++i)
-        if (k >= stage0(i) && k < stage0(i) + stages(i, head)) c.lane = (int)i, stage(i, k - stage0(i), false, x, phase, c, head);
-      c.set ^= 1;
-    }
-    c.lane = 0;
-    for (int64_t i = 0; i < std::min(runs, L - 1); ++i) phase[i] = phase[i] + 1 == levels_[i].p ? 0 : phase[i] + 1;
-    return mine(levels_[0].y, levels_[0].Hp, c);
-  }
-
-  static int64_t stage0(int64_t i) { return i == 0 ? 0 : i - 1; }
-  int64_t stages(int64_t i, bool head) const {
-    const int64_t nb = (int64_t)levels_[i].up.size();
-    return i == 0 ? nb + (head ? 1 : 0) : nb + 2;
-  }
-  float* pool_buffer(Level& lv, const Ctx& c) const { return (c.mi == 0 ? lv.buffer : lv.buffer1.data) + c.r0 * lv.p * lv.Hp; }
-  float* pool_pending(Level& lv, const Ctx& c) const { return (c.mi == 0 ? lv.pending : lv.pending1.data) + c.r0 * lv.p * lv.Hp; }
-
-  float* level_input(int64_t i, float* x0, const Ctx& c) {
-    return i == 0 ? x0 : mine(levels_[i - 1].coarse, levels_[i].Hp, c);
-  }
-  // Once level i's input is known: y = pending[phase] + x, u = y (the centre: y = x).
-  void level_start(int64_t i, float* x0, const int64_t* phase, const Ctx& c) {
-    Level& lv = levels_[i];
-    const int64_t Hp = lv.Hp, R = c.R;
-    float* y = mine(lv.y, Hp, c);
-    const float* x = level_input(i, x0, c);
-    if (lv.p == 0) {
-      copy_cols(y, Hp, x, Hp, R, 0, Hp);
-    } else {
-      copy_cols(y, Hp, pool_pending(lv, c) + phase[i] * Hp, lv.p * Hp, R, 0, Hp);
-      add_cols(y, x, Hp, R, 0, Hp);
-      copy_cols(mine(lv.u, Hp, c), Hp, y, Hp, R, 0, Hp);
-    }
-    if (lv.up.empty()) level_finish(i, x0, c);
-  }
-  // After level i's blocks: y += u (the centre: y += x).
-  void level_finish(int64_t i, float* x0, const Ctx& c) {
-    Level& lv = levels_[i];
-    add_cols(mine(lv.y, lv.Hp, c), lv.p == 0 ? level_input(i, x0, c) : mine(lv.u, lv.Hp, c), lv.Hp, c.R, 0, lv.Hp);
-  }
-
-  // Stage k of level i's stream, its part before the barrier (pre) or after it.
-  void stage(int64_t i, int64_t k, bool pre, float* x0, const int64_t* phase, Ctx& c, bool head) {
-    Level& lv = levels_[i];
-    const int64_t Hp = lv.Hp, R = c.R, nb = (int64_t)lv.up.size();
-    float* y = mine(lv.y, Hp, c);
-    float* x = level_input(i, x0, c);
-    auto start = [&] { level_start(i, x0, phase, c); };
-    auto finish = [&] { level_finish(i, x0, c); };
-    if (i == 0) {
-      if (k < nb) {
-        if (pre) {
-          if (k == 0) start();
-          block_pre(lv.up[k], y, lv, c);
-        } else {
-          block_post(lv.up[k], y, lv, c);
-          if (k == nb - 1) finish();
-        }
-      } else if (pre) {  // the head
-        if (nb == 0) start();
-        float* z = mine(lv.z, Hp, c);
-        layer_norm(y, R, head_norm_, z);
-        for (int g = c.g0; g < c.g1; ++g) split_part(c, g, z, H0p_, head_);
-      } else {
-        add_parts<false>(c, head_, mine(logits_, head_.out, c), head_.out);
-      }
-      return;
-    }
-    Level& fine = levels_[i - 1];
-    if (k == 0) {  // level i - 1's DownPool into this level's input
-      if (pre) {
-        for (int g = c.g0; g < c.g1; ++g) split_part(c, g, pool_buffer(fine, c), fine.p * fine.Hp, fine.down_pool);
-      } else {
-        add_parts<false>(c, fine.down_pool, x, Hp);
-        if (lv.p > 0) copy_cols(pool_buffer(lv, c) + phase[i] * Hp, lv.p * Hp, x, Hp, R, 0, Hp);
-        start();
-      }
-    } else if (k <= nb) {
-      if (pre) {
-        block_pre(lv.up[k - 1], y, lv, c);
-      } else {
-        block_post(lv.up[k - 1], y, lv, c);
-        if (k == nb) finish();
-      }
-    } else if (pre) {  // the UpPool into level i - 1's pending outputs
-      for (int g = c.g0; g < c.g1; ++g) split_part(c, g, y, Hp, fine.up_pool);
-    } else {
-      add_parts<false>(c, fine.up_pool, pool_pending(fine, c), fine.p * fine.Hp);
-    }
-  }
-
   // x (R rows of Hp, this member's copy) through one block; one barrier (in join).
   void block_step(const Block& blk, float* x, Level& lv, Ctx& c) {
-    block_pre(blk, x, lv, c);
-    c.part.sync();
-    block_post(blk, x, lv, c);
-    c.set ^= 1;
-  }
-
-  // A block up to its barrier: this member's halves of the SSM or of the hidden units, and their
-  // partial sums of the block's last Linear (lane c.lane).
-  void block_pre(const Block& blk, const float* x, Level& lv, const Ctx& c) {
     const int64_t Hp = lv.Hp, P = Hp / VL, R = c.R;
     float* z = mine(lv.z, Hp, c);
     float* s = mine(lv.s, Hp, c);
@@ -498,6 +351,8 @@ class Engine : public EngineModel {
                   blk.taux + c.r0 * blk.tiled.aux_floats(), s, Hp, R, t0, t1);
         split_part(c, g, s, Hp, blk.out);
       }
+      join<false>(c, blk.out, big, lv.big_width);
+      glu_rows<true>(big, lv.big_width, Hp, x, Hp, R);  // x += GLU(big) = a * sigmoid(b)
     } else {
       for (int g = c.g0; g < c.g1; ++g) {  // hidden units of half g, then their part of the second Linear
         const auto [f0, f1] = half(blk.ff1.out / VL, g);
@@ -507,21 +362,9 @@ class Engine : public EngineModel {
             vstore(big + r * lv.big_width + h, vgelu(vload(big + r * lv.big_width + h)));
         split_part(c, g, big, lv.big_width, blk.ff2);
       }
-    }
-  }
-
-  // The rest of the block once both members' partial sums are written: x += the block's output.
-  void block_post(const Block& blk, float* x, Level& lv, const Ctx& c) {
-    const int64_t Hp = lv.Hp, R = c.R;
-    if (blk.stateful) {
-      float* big = mine(lv.big, lv.big_width, c);
-      add_parts<false>(c, blk.out, big, lv.big_width);
-      glu_rows<true>(big, lv.big_width, Hp, x, Hp, R);  // x += GLU(big) = a * sigmoid(b)
-    } else {
-      add_parts<true>(c, blk.ff2, x, Hp);
+      join<true>(c, blk.ff2, x, Hp);
     }
     if (!blk.prenorm) {
-      float* z = mine(lv.z, Hp, c);
       layer_norm(x, R, blk.norm, z);
       copy_cols(x, Hp, z, Hp, R, 0, Hp);
     }
