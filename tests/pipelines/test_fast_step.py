@@ -459,10 +459,10 @@ def test_threads_split_the_batch_without_changing_a_token(B):
     {"ff": 0},                                            # S4 blocks only
     {"n_layers": 0},                                      # no blocks: pools and head only
 ], ids=["two-levels", "3-levels-postnorm", "no-ff", "no-layers"])
-def test_interleaved_levels_give_the_one_thread_tokens(kwargs):
-    """A step split over two threads runs the stages of the levels that fire together (level 1 beside
-    level 0's up path, the centre beside level 1); over a sampling loop long enough for every level to
-    fire many times the tokens, log-likelihoods and the next logits are those of one thread."""
+def test_columns_split_loop_gives_the_one_thread_tokens(kwargs):
+    """A sampling loop split over two threads by columns (member 1 keeps its own copies of the pooling
+    buffers and pending outputs through the loop) gives one thread's tokens, log-likelihoods and next
+    logits, over enough steps for every level to fire many times, whatever the levels and blocks."""
     torch.manual_seed(61)
     config = ModelConfig(**{**ModelConfig(name="t", d_model=16, n_layers=2, d_state=8).__dict__, **kwargs})
     model = WaveformAR(config).eval()
