@@ -453,6 +453,34 @@ def test_threads_split_the_batch_without_changing_a_token(B):
         stepper.set_split("diagonal")
 
 
+@pytest.mark.parametrize("kwargs", [
+    {},                                                   # two pooling levels
+    {"pool": (2, 4, 2), "prenorm": False},               # three pooling levels, postnorm
+    {"ff": 0},                                            # S4 blocks only
+    {"n_layers": 0},                                      # no blocks: pools and head only
+], ids=["two-levels", "3-levels-postnorm", "no-ff", "no-layers"])
+def test_columns_split_loop_gives_the_one_thread_tokens(kwargs):
+    """A sampling loop split over two threads by columns (member 1 keeps its own copies of the pooling
+    buffers and pending outputs through the loop) gives one thread's tokens, log-likelihoods and next
+    logits, over enough steps for every level to fire many times, whatever the levels and blocks."""
+    torch.manual_seed(61)
+    config = ModelConfig(**{**ModelConfig(name="t", d_model=16, n_layers=2, d_state=8).__dict__, **kwargs})
+    model = WaveformAR(config).eval()
+    model.setup_step()
+    n = 333  # not a multiple of any pooling product: the loop ends mid-group
+    uniforms = torch.rand(2, n, generator=torch.Generator().manual_seed(62), dtype=torch.float64)
+    first = torch.tensor([128, 7])
+    outputs = []
+    for threads in (1, 2):
+        with s4lib.step_threads(threads):
+            stepper = FastStepper(model, 2)
+            stepper.set_split("columns")
+            tokens, logprobs = stepper.generate(first, uniforms, temperature=1.0, top_p=0.9)
+            outputs.append((tokens, logprobs, stepper.step(tokens[:, -1]), stepper.step(tokens[:, -2])))
+    assert all(torch.equal(a, b) for a, b in zip(outputs[0], outputs[1])), kwargs
+    assert len(set(outputs[0][0].flatten().tolist())) > 10  # sampled, not one token throughout
+
+
 FP16_TOL = 2e-3  # weights='float16': documented in FastStepper's docstring and docs/generation.md
 
 
