@@ -205,7 +205,9 @@ namespace s4step {
 // or the first call of a team, which starts its threads and warms its caches, does not decide), the
 // first timing of each choice is discarded, both are tried alternately until each has kWindow, and
 // the other choice is retried on 1 call in kExplore (1 in kExploreFar while it is more than 25 %
-// slower: each retrial of a much slower choice costs) so that a change of load is followed.
+// slower: each retrial of a much slower choice costs) so that a change of load is followed. A retrial
+// that beats the favourite's median replaces the retried choice's older timings at once, so a load
+// spike that once made the team look slow is forgotten on the first retrial after it ends.
 class ThreadTuner {
  public:
   static constexpr int kWindow = 5, kExplore = 16, kExploreFar = 64;
@@ -232,6 +234,17 @@ class ThreadTuner {
     if (!warm_[which]) {  // the first call of a choice: thread start-up and cold caches
       warm_[which] = true;
       return;
+    }
+    if (count_[0] == kWindow && count_[1] == kWindow) {
+      const int favourite = median(1) < median(0) ? 1 : 0;
+      if (which != favourite && seconds_per_unit < median(favourite)) {
+        // a retrial beat the favourite: the retried choice's older timings (from a moment when another job
+        // held a core, say) are stale, so they go, and the choice is measured afresh on the next calls;
+        // if it is slower after all, its median rises again within a few calls
+        std::fill(last_[which], last_[which] + kWindow, seconds_per_unit);
+        next_[which] = 0;
+        return;
+      }
     }
     last_[which][next_[which]] = seconds_per_unit;
     next_[which] = (next_[which] + 1) % kWindow;
