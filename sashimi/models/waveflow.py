@@ -11,7 +11,6 @@ found so far (the oracle); method="fast" caches the rows each layer needs (sashi
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..models.waveflow import WaveFlow, WaveFlowConfig
+from ..models.waveflow import WaveFlow
 from ..nn.waveflow_fast import FastInverse
 
 __all__ = ["WaveFlowPipeline", "WaveFlowResult", "load_waveflow", "read_mel_input"]
