@@ -125,6 +125,14 @@ class _RankTwo(ModelConfig):
         return {**super().s4_kwargs(), "rank": 2}
 
 
+def _variant_config(base: dict, changes: dict) -> ModelConfig:
+    """A small ModelConfig from `base` with `changes`; "rank": 2 makes it the DPLR rank-2 variant."""
+    changes = dict(changes)
+    rank_two = changes.pop("rank", None)
+    config = ModelConfig(**{**ModelConfig(name="t", **base).__dict__, **changes})
+    return _RankTwo(**config.__dict__) if rank_two else config
+
+
 @pytest.mark.parametrize("kwargs", [
     {"unet": True},                                      # causal U-Net: down blocks and skips
     {"pool": (2, 4, 2), "prenorm": False},               # three levels, postnorm
@@ -135,11 +143,7 @@ class _RankTwo(ModelConfig):
 ], ids=["unet", "3-levels-postnorm", "padding", "non-hurwitz-no-ff", "rank-2", "no-layers"])
 def test_fast_matches_eager_variants(kwargs):
     torch.manual_seed(20)
-    kwargs = dict(kwargs)
-    rank_two = kwargs.pop("rank", None)
-    config = ModelConfig(**{**ModelConfig(name="t", d_model=16, n_layers=1, d_state=8).__dict__, **kwargs})
-    if rank_two:
-        config = _RankTwo(**config.__dict__)
+    config = _variant_config(dict(d_model=16, n_layers=1, d_state=8), kwargs)
     model = WaveformAR(config).eval()
     B = 3
     tokens = torch.randint(0, 256, (B, 256))
@@ -546,11 +550,7 @@ def test_tiled_ssm_step_matches_the_float64_eager_step(kwargs):
     logits and exported states against the eager step of the same model in float64, over 300 steps
     (1 and 2 threads splitting the tiles; the state leaves the tiles through get_state)."""
     torch.manual_seed(33)
-    kwargs = dict(kwargs)
-    rank_two = kwargs.pop("rank", None)
-    config = ModelConfig(**{**ModelConfig(name="t", d_model=32, n_layers=1, d_state=16).__dict__, **kwargs})
-    if rank_two:
-        config = _RankTwo(**config.__dict__)
+    config = _variant_config(dict(d_model=32, n_layers=1, d_state=16), kwargs)
     model = WaveformAR(config).eval()
     model.setup_step()
     B = 2
